@@ -44,7 +44,7 @@ def batch(padding: str = "right", answers: bool = True) -> dict[str, torch.Tenso
     for ids, lab, cand in zip(rows, labels, cands):
         pad = L - len(ids)
 
-        def place(x, fill):
+        def place(x, fill, pad=pad):
             return [fill] * pad + x if padding == "left" else x + [fill] * pad
 
         out["input_ids"].append(place(ids, PAD))
