@@ -1,0 +1,148 @@
+"""`attanchor fit|validate|test --config RECIPE [--key value ...]`: LightningCLI over the
+AnchorModule and the VLMDataModule.
+
+jsonargparse validates every key of the resolved recipe before any model loads. Each run gets
+its own directory, ``<run.root>/<run.name>/<strategy>-seed<k>/``, holding the resolved config,
+env.json (versions, git commit, data hashes), checkpoints/, metrics.csv and, with W&B on, an
+offline wandb/ run in the group ``run.name`` so anchored arms and their baseline share a chart.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from attanchor.data.datamodule import VLMDataModule
+from attanchor.train.module import AnchorModule
+from attanchor.train.recipe import expand_config_args
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where a run writes, and what watches it.
+
+    ``name`` groups the arms of one comparison (the W&B group); the run directory adds the
+    anchor strategy and the seed. ``early_stopping_patience``: validation checks without a new
+    best val/loss before stopping (the paper's criterion); None disables it.
+    """
+
+    root: str = "runs"
+    name: str = "default"
+    wandb: bool = True
+    wandb_project: str = "attanchor"
+    early_stopping_patience: int | None = 3
+    save_top_k: int = 1
+
+
+class AttanchorCLI(LightningCLI):
+    """LightningCLI plus the run directory, loggers, checkpointing and CPU-capable strategies."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunSettings, "run")
+        parser.link_arguments("model.model_path", "data.model_path")
+        parser.link_arguments("model.anchor.scope", "data.scope")
+
+    def run_dir(self) -> Path:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        seed = cfg.get("seed_everything")
+        strategy = cfg["model"]["anchor"].strategy if hasattr(
+            cfg["model"]["anchor"], "strategy") else cfg["model"]["anchor"]["strategy"]
+        return Path(cfg["run"]["root"]) / cfg["run"]["name"] / f"{strategy}-seed{seed}"
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        from attanchor.train.strategies import build_strategy
+
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        run: RunSettings = cfg["run"]
+        trainer_cfg = cfg.get("trainer", {})
+        run_dir = self.run_dir()
+        kwargs.setdefault("default_root_dir", str(run_dir))
+        strategy = trainer_cfg.get("strategy", "auto")
+        if isinstance(strategy, str):
+            kwargs["strategy"] = build_strategy(strategy,
+                                                accelerator=trainer_cfg.get("accelerator", "auto"))
+        if trainer_cfg.get("logger") in (None, True):
+            kwargs["logger"] = self._loggers(run, run_dir)
+        has_val = bool(getattr(self.datamodule, "val_file", None))
+        monitor = "val/loss" if has_val else None
+        callbacks = [
+            ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
+                            monitor=monitor, mode="min", save_last=True,
+                            save_top_k=run.save_top_k if monitor else 0,
+                            enable_version_counter=False),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+        if has_val and run.early_stopping_patience is not None:
+            callbacks.append(EarlyStopping(monitor="val/loss", mode="min",
+                                           patience=run.early_stopping_patience))
+        kwargs["callbacks"] = list(trainer_cfg.get("callbacks") or []) + callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    def _loggers(self, run: RunSettings, run_dir: Path) -> list[Any]:
+        loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        if not run.wandb:
+            return loggers
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            import wandb  # noqa: F401  (never required: a missing wandb only warns)
+        except ImportError:
+            rank_zero_warn("wandb is not installed: logging to metrics.csv only "
+                           "(pip install wandb, or set run.wandb: false to silence this)")
+            return loggers
+        # Offline unless the user's environment says otherwise; sync later with `wandb sync`.
+        os.environ.setdefault("WANDB_MODE", "offline")
+        strategy = self.model.anchor_config.strategy
+        loggers.append(WandbLogger(
+            save_dir=str(run_dir), project=run.wandb_project, group=run.name,
+            name=run_dir.name, tags=[strategy, run.name], job_type=strategy))
+        return loggers
+
+    def _write_run_info(self) -> None:
+        if self.trainer.global_rank != 0:
+            return
+        from attanchor.train.runinfo import write_run_info
+
+        dump = self.parser.dump(self.config, skip_none=False, format="yaml")
+        import yaml
+
+        resolved = yaml.safe_load(dump)
+        if self.subcommand:
+            resolved = resolved[self.subcommand]
+        dm = self.datamodule
+        files = [f for f in (dm.train_file, dm.val_file, dm.test_file) if f]
+        write_run_info(self.run_dir(), resolved, files)
+        rank_zero_info(f"attanchor: run directory {self.run_dir()}")
+
+    def before_fit(self) -> None:
+        self._write_run_info()
+
+    def before_validate(self) -> None:
+        self._write_run_info()
+
+    def before_test(self) -> None:
+        self._write_run_info()
+
+
+def build_cli(argv: list[str], run: bool = True) -> AttanchorCLI:
+    """Build (and by default run) the CLI on ``argv`` (recipes resolved first)."""
+    return AttanchorCLI(
+        AnchorModule, VLMDataModule, args=expand_config_args(argv), run=run,
+        save_config_callback=None, seed_everything_default=0,
+        trainer_defaults={"deterministic": "warn"},
+        parser_kwargs={"default_env": False},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    build_cli(argv)
+    return 0
