@@ -1,0 +1,124 @@
+"""Paired, seeded baseline-vs-anchored comparisons: train every arm, evaluate, report.
+
+Every arm trains from the same recipe with the same seeds (model init of new weights, data
+order, dropout), differing only in ``model.anchor.strategy``; the selection rule (threshold or
+top_fraction) comes from the recipe, so the ``random`` control inserts as many copies as the
+anchored arm would. Arms whose ``eval/metrics.json`` already exists are reused, not retrained.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from attanchor.train.recipe import resolve_recipe
+
+ARM_FILES = ("checkpoints/best.ckpt", "checkpoints/last.ckpt")
+
+
+def run_dir(recipe: dict[str, Any], strategy: str, seed: int) -> Path:
+    """The directory `attanchor fit` writes for this recipe, strategy and seed."""
+    run = recipe.get("run", {})
+    return Path(run.get("root", "runs")) / run.get("name", "default") / f"{strategy}-seed{seed}"
+
+
+def loss_curve(metrics_csv: Path, key: str = "train/loss") -> list[tuple[float, float]]:
+    """(step, value) pairs of ``key`` from a Lightning CSV log (rows without it skipped)."""
+    if not metrics_csv.exists():
+        return []
+    points = []
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            value = row.get(key, "")
+            if value not in ("", None):
+                points.append((float(row["step"]), float(value)))
+    return points
+
+
+def train_arm(recipe_path: str, strategy: str, seed: int, overrides: Sequence[str]) -> None:
+    """``attanchor fit`` for one arm, in this process."""
+    from attanchor.train.cli import build_cli
+
+    argv = ["fit", "--config", recipe_path, *overrides, "--seed_everything", str(seed),
+            "--data.seed", str(seed), "--model.anchor.strategy", strategy]
+    build_cli(argv)
+    try:  # close the offline W&B run so the next arm starts its own
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except ImportError:
+        pass
+
+
+def best_checkpoint(arm_dir: Path) -> Path:
+    for name in ARM_FILES:
+        if (arm_dir / name).exists():
+            return arm_dir / name
+    raise FileNotFoundError(f"{arm_dir}: no checkpoint ({' or '.join(ARM_FILES)})")
+
+
+def evaluate_arm(arm_dir: Path, evals: dict[str, str], image_root: str, *,
+                 limit: int | None, batch_size: int, template: str | None) -> dict[str, float]:
+    """Evaluate the arm's best checkpoint on each task; flat metrics like ``pope/f1``."""
+    from attanchor.eval.evaluate import evaluate
+    from attanchor.train.checkpoint import load_anchored
+
+    anchored, processor = load_anchored(best_checkpoint(arm_dir))
+    flat: dict[str, float] = {}
+    for task, path in evals.items():
+        m = evaluate(anchored, processor, path, task, image_root=image_root,
+                     out_dir=arm_dir / "eval" / task, template=template, limit=limit,
+                     batch_size=batch_size, progress=False)
+        keep = ("accuracy", "precision", "recall", "f1", "yes_ratio") if task == "pope" \
+            else ("accuracy",)
+        for k in keep:
+            flat[f"{task}/{k}"] = float(m[k])
+        flat[f"{task}/anchors_per_prompt"] = float(m["anchors_per_prompt"])
+    (arm_dir / "eval").mkdir(parents=True, exist_ok=True)
+    (arm_dir / "eval" / "metrics.json").write_text(json.dumps(flat, indent=2))
+    return flat
+
+
+def compare(recipe_path: str, *, seeds: Sequence[int], strategies: Sequence[str],
+            evals: dict[str, str], image_root: str | None = None,
+            overrides: Sequence[str] = (), limit: int | None = None, batch_size: int = 64,
+            out_dir: str | Path | None = None, log=print) -> dict[str, Any]:
+    """Train (or reuse) and evaluate every strategy x seed; write the report beside the arms.
+
+    Returns {"summary", "paths", "table"} (see ``attanchor.eval.report``).
+    """
+    from attanchor.eval.report import format_table, summarize_arms, write_report
+
+    recipe = resolve_recipe(recipe_path)
+    data = recipe.get("data", {})
+    image_root = image_root or data.get("image_root")
+    template = data.get("template")
+    results: dict[str, dict[int, dict[str, float]]] = {}
+    curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for strategy in strategies:
+        for seed in seeds:
+            arm = run_dir(recipe, strategy, seed)
+            done = arm / "eval" / "metrics.json"
+            if done.exists():
+                log(f"[compare] {arm}: finished earlier, reusing")
+                metrics = json.loads(done.read_text())
+            else:
+                if not any((arm / f).exists() for f in ARM_FILES):
+                    log(f"[compare] training {arm}")
+                    train_arm(recipe_path, strategy, seed, overrides)
+                log(f"[compare] evaluating {arm}")
+                metrics = evaluate_arm(arm, evals, image_root, limit=limit,
+                                       batch_size=batch_size, template=template)
+            results.setdefault(strategy, {})[seed] = metrics
+            curves.setdefault(strategy, {})[seed] = loss_curve(arm / "metrics.csv")
+    out = Path(out_dir) if out_dir else run_dir(recipe, "x", 0).parent
+    baseline = "none" if "none" in strategies else None
+    title = f"attanchor comparison: {Path(recipe_path).as_posix()} (seeds {list(seeds)})"
+    paths = write_report(out, results, curves, baseline, title=title)
+    summary = summarize_arms(results, baseline)
+    return {"summary": summary, "paths": paths, "table": format_table(summary),
+            "results": results}
