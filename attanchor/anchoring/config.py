@@ -81,6 +81,8 @@ class AnchorConfig:
             return False
         if self.pause_tokens > 0:
             return True
+        if self.max_anchors == 0:
+            return False
         return not (self.threshold is not None and self.threshold > 1.0)
 
     def to_dict(self) -> dict[str, Any]:

@@ -144,6 +144,14 @@ def select(scores: Tensor, valid: Tensor, config: AnchorConfig) -> Tensor:
     return keep
 
 
+def _gather_or_zeros(positions: Tensor, index: Tensor) -> Tensor:
+    """positions.gather(1, index), or zeros when no row has any position (width 0); the
+    selection then keeps nothing, so the placeholder host is never used."""
+    if positions.shape[1] == 0:
+        return torch.zeros_like(index)
+    return positions.gather(1, index)
+
+
 def _check(
     embeds: Tensor, attention_mask: Tensor, image_mask: Tensor, candidate_mask: Tensor,
     labels: Tensor | None,
@@ -204,8 +212,10 @@ def regroup(
             similarity=torch.full((B, L), math.nan, device=dev),
             num_anchors=torch.zeros(B, dtype=torch.long, device=dev),
         )
-    if config.pause_tokens and pause_embedding is None:
-        raise ValueError("regroup: config.pause_tokens > 0 needs pause_embedding (d,)")
+    if config.pause_tokens and (pause_embedding is None or tuple(pause_embedding.shape) != (d,)):
+        got = None if pause_embedding is None else tuple(pause_embedding.shape)
+        raise ValueError(f"regroup: config.pause_tokens > 0 needs pause_embedding of shape "
+                         f"({d},), got {got}")
 
     img_pos, img_valid = _pack(image_mask.bool())  # (B, M)
     cand_pos, cand_valid = _pack(candidate_mask.bool())  # (B, N)
@@ -217,14 +227,14 @@ def regroup(
         scores, best = best_match(gather_rows(img_pos), gather_rows(cand_pos), cand_valid,
                                   max_similarity_elements)
         keep = select(scores, img_valid, config)
-        src, host = img_pos, cand_pos.gather(1, best)
+        src, host = img_pos, _gather_or_zeros(cand_pos, best)
     else:
         scores, best = best_match(gather_rows(cand_pos), gather_rows(img_pos), img_valid,
                                   max_similarity_elements)
         keep = select(scores, cand_valid, config)
         src = cand_pos
         if config.strategy == "text_into_image":
-            host = img_pos.gather(1, best)
+            host = _gather_or_zeros(img_pos, best)
         elif config.strategy == "append":
             last_img = torch.where(image_mask.bool(), torch.arange(L, device=dev), -1).amax(dim=1)
             host = last_img[:, None].expand_as(src)
@@ -234,7 +244,7 @@ def regroup(
             u = torch.rand(src.shape, generator=generator).to(dev)
             n_img = img_valid.sum(dim=1, keepdim=True)
             slot = (u * n_img).floor().long().clamp(max=(n_img - 1).clamp(min=0))
-            host = img_pos.gather(1, slot) if img_pos.shape[1] else torch.zeros_like(src)
+            host = _gather_or_zeros(img_pos, slot)
 
     # Items: originals, copies, pause tokens. Each gets a sort key (host, sub-order).
     K = config.pause_tokens
@@ -243,7 +253,7 @@ def regroup(
     has_real = real.any(dim=1)
     last_real = torch.where(real, ar, -1).amax(dim=1)
     if labels is not None:
-        supervised = labels != IGNORE_INDEX
+        supervised = (labels != IGNORE_INDEX) & real
         first_sup = torch.where(supervised, ar, L).amin(dim=1)
         pause_host = torch.where(supervised.any(dim=1), first_sup - 1, last_real)
     else:
