@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,32 @@ class RunSettings:
     save_top_k: int = 1
 
 
+# We pass the (recipe-resolved) argv explicitly; Lightning warns whenever sys.argv is set too.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+
+
+class _Parsed(Exception):
+    """Raised by a parse-only CLI once the recipe is parsed and its classes built."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
 class AttanchorCLI(LightningCLI):
-    """LightningCLI plus the run directory, loggers, checkpointing and CPU-capable strategies."""
+    """LightningCLI plus the run directory, loggers, checkpointing and CPU-capable strategies.
+
+    ``parse_only=True`` stops after the model and data module are built from the recipe
+    (no trainer, no weights loaded): what ``validate_recipe`` uses.
+    """
+
+    def __init__(self, *args: Any, parse_only: bool = False, **kwargs: Any) -> None:
+        self.parse_only = parse_only
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        if self.parse_only:
+            raise _Parsed(self.parser.instantiate_classes(self.config))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunSettings, "run")
@@ -71,7 +96,7 @@ class AttanchorCLI(LightningCLI):
                                                 accelerator=trainer_cfg.get("accelerator", "auto"))
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self._loggers(run, run_dir)
-        has_val = bool(getattr(self.datamodule, "val_file", None))
+        has_val = bool(self.datamodule.files.get("val"))
         monitor = "val/loss" if has_val else None
         callbacks = [
             ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
@@ -91,9 +116,8 @@ class AttanchorCLI(LightningCLI):
         if not run.wandb:
             return loggers
         try:
-            from lightning.pytorch.loggers import WandbLogger
-
             import wandb  # noqa: F401  (never required: a missing wandb only warns)
+            from lightning.pytorch.loggers import WandbLogger
         except ImportError:
             rank_zero_warn("wandb is not installed: logging to metrics.csv only "
                            "(pip install wandb, or set run.wandb: false to silence this)")
@@ -117,8 +141,7 @@ class AttanchorCLI(LightningCLI):
         resolved = yaml.safe_load(dump)
         if self.subcommand:
             resolved = resolved[self.subcommand]
-        dm = self.datamodule
-        files = [f for f in (dm.train_file, dm.val_file, dm.test_file) if f]
+        files = sorted({f for f in self.datamodule.files.values() if f})
         write_run_info(self.run_dir(), resolved, files)
         rank_zero_info(f"attanchor: run directory {self.run_dir()}")
 
@@ -140,6 +163,20 @@ def build_cli(argv: list[str], run: bool = True) -> AttanchorCLI:
         trainer_defaults={"deterministic": "warn"},
         parser_kwargs={"default_env": False},
     )
+
+
+def validate_recipe(path: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Parse a recipe (plus overrides) and build its model and data module without loading
+    weights or data; return the instantiated config. Unknown keys and invalid values raise
+    (jsonargparse exits with a message naming the key; the anchor config a ValueError)."""
+    try:
+        AttanchorCLI(AnchorModule, VLMDataModule, args=expand_config_args(
+            ["--config", path, *overrides]), run=False, parse_only=True,
+            save_config_callback=None, seed_everything_default=0,
+            parser_kwargs={"default_env": False, "exit_on_error": False})
+    except _Parsed as parsed:
+        return parsed.config
+    raise AssertionError("unreachable: parse_only always raises _Parsed")
 
 
 def main(argv: list[str] | None = None) -> int:
