@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from attanchor.anchoring.config import AnchorConfig
-from attanchor.anchoring.regroup import Regrouped, padding_side, regroup
+from attanchor.anchoring.regroup import Regrouped, regroup
 
 
 class AnchoredVLM(nn.Module):
@@ -74,7 +74,7 @@ class AnchoredVLM(nn.Module):
 
     def _regroup(self, input_ids: Tensor, pixel_values: Tensor | None, attention_mask: Tensor,
                  candidate_mask: Tensor | None, labels: Tensor | None, image_kw: dict[str, Any],
-                 ) -> Regrouped:
+                 side: str | None = None) -> Regrouped:
         if candidate_mask is None:
             raise ValueError(
                 f"AnchoredVLM: strategy {self.config.strategy!r} needs candidate_mask (B, L); "
@@ -90,7 +90,7 @@ class AnchoredVLM(nn.Module):
                 raise ValueError("pause_tokens need a pad token id in the model's config")
             pause = self.model.get_input_embeddings().weight[int(pad_id)]
         out = regroup(embeds, attention_mask, image_mask, candidate_mask.bool(), labels,
-                      self.config, pause_embedding=pause, generator=self.generator)
+                      self.config, pause_embedding=pause, generator=self.generator, side=side)
         self._record(out, attention_mask)
         return out
 
@@ -161,7 +161,7 @@ class AnchoredVLM(nn.Module):
             out = self.model.generate(input_ids=input_ids, pixel_values=pixel_values,
                                       attention_mask=attention_mask, **gen_kwargs)
             return out[:, input_ids.shape[1]:]
-        r = self._regroup(input_ids, pixel_values, attention_mask, candidate_mask, None, {})
-        assert padding_side(r.attention_mask) == "left"
+        r = self._regroup(input_ids, pixel_values, attention_mask, candidate_mask, None, {},
+                          side="left")
         return self.model.generate(inputs_embeds=r.inputs_embeds,
                                    attention_mask=r.attention_mask, **gen_kwargs)

@@ -187,6 +187,7 @@ def regroup(
     pause_embedding: Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    side: str | None = None,
     max_similarity_elements: int = MAX_SIMILARITY_ELEMENTS,
 ) -> Regrouped:
     """Regroup a baseline LLaVA sequence per ``config`` (see METHOD.md and the module doc).
@@ -196,12 +197,21 @@ def regroup(
     -100 and attention 1; the padding side is kept; position ids run 0..n'-1 over real tokens
     (right pads continue the count, left pads are 0); ``none`` is the identity map.
     ``generator`` (CPU) drives the ``random`` control; default: seeded with ``config.seed``.
+    ``side``: the padding side of the output; None reads it from ``attention_mask`` (a batch
+    without padding counts as right-padded). Generation passes "left", so rows that gain
+    different numbers of copies are padded on the left even when the input had no padding.
     """
     _check(embeds, attention_mask, image_mask, candidate_mask, labels)
     B, L, d = embeds.shape
     dev = embeds.device
     real = attention_mask.bool()
-    side = padding_side(attention_mask)
+    found = padding_side(attention_mask)
+    if side is None:
+        side = found
+    elif side not in ("left", "right"):
+        raise ValueError(f"regroup: side={side!r}: allowed are 'left', 'right' or None")
+    elif (~real).any() and side != found:
+        raise ValueError(f"regroup: side={side!r} but attention_mask is {found}-padded")
     if config.strategy == "none":
         return Regrouped(
             inputs_embeds=embeds, attention_mask=attention_mask,

@@ -200,3 +200,20 @@ def test_peft_wrapped_frozen_tower_gets_lora_gradients():
     lora = [p for n, p in peft_model.named_parameters() if "lora_" in n]
     assert lora and all(p.grad is not None for p in lora)
     assert all(p.grad is None for p in model.model.vision_tower.parameters())
+
+
+def test_anchored_generate_on_an_unpadded_batch_pads_left(model):
+    """Equal-length prompts gain different numbers of copies: the output is left-padded."""
+    b = batch("left", answers=False)
+    keep = b["attention_mask"][1].bool()
+    one = {k: v[1:2, keep] if v.dim() == 2 else v[1:2] for k, v in b.items()}
+    two = {k: torch.cat([v, v]) for k, v in one.items()}
+    two["candidate_mask"][1] = False  # row 1: no candidates, no copies
+    wrapped = AnchoredVLM(model, AnchorConfig(threshold=None, top_fraction=0.5))
+    got = wrapped.generate(two["input_ids"], two["pixel_values"], two["attention_mask"],
+                           candidate_mask=two["candidate_mask"], max_new_tokens=3,
+                           do_sample=False, eos_token_id=None)
+    r = wrapped.last_regrouped
+    assert r.num_anchors.tolist() == [2, 0]
+    assert r.attention_mask[1, :2].tolist() == [0, 0] and r.attention_mask[:, -1].all()
+    assert got.shape == (2, 3)

@@ -1,0 +1,360 @@
+"""lmms-eval model plugin: run an exported anchored checkpoint through the standard harness.
+
+An exported checkpoint is a directory that ``LlavaForConditionalGeneration.from_pretrained`` and
+``AutoProcessor.from_pretrained`` load (weights, config, tokenizer, image processor, chat template)
+with ``anchor_config.json`` (``AnchorConfig.to_dict()``) beside ``config.json``. The plugin wraps
+the model in ``AnchoredVLM`` so every prompt is regrouped exactly as in training.
+
+Use it from the command line (needs the entry point below in the installed package's metadata):
+    python -m lmms_eval --model anchored_llava --model_args pretrained=DIR,threshold=0.14 \\
+        --tasks pope --batch_size 4
+or from Python: ``register_with_lmms_eval()`` then ``simple_evaluate(model="anchored_llava", ...)``,
+or pass an ``AnchoredLlava(pretrained=DIR)`` instance as ``model``.
+Entry point (pyproject): [project.entry-points."lmms_eval.models"]
+    anchored_llava = "attanchor.eval.lmms_plugin:lmms_manifest"
+
+Candidates (the tokens that may become anchors) of a harness prompt: the tokens of the user
+message's text, except image tokens and special tokens, i.e. the whole single user turn, the
+default scope (shared/METHOD.md). Chat-template text (role markers, system prompt) and padding
+are never candidates (nor are words the tokenizer maps to a special unknown token).
+
+The functions here need no lmms-eval; ``AnchoredLlava`` does, and raises a clear ImportError
+without it. lmms-eval 0.7.3 declares torchvision (whose PyPI wheel fails next to a CPU torch and
+then breaks ``transformers.LlavaProcessor``) and pins wandb==0.25.0, so install it as
+    pip install torch==<your torch> loguru sacrebleu evaluate pytz tenacity pytablewriter
+    pip install --no-deps lmms-eval==0.7.3
+which is enough for the harness, its CLI and tasks with local data (some tasks need more).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from attanchor.anchoring.config import AnchorConfig
+from attanchor.anchoring.model import AnchoredVLM
+
+IMAGE_PLACEHOLDER = "<image>"
+_NONE_STRINGS = {"none", "null", ""}
+_OPTIONAL_FIELDS = ("threshold", "top_fraction", "max_anchors")
+
+
+def load_anchored_checkpoint(path: str | Path, *, device: str | torch.device = "cpu",
+                             dtype: str | torch.dtype = "auto",
+                             **anchor_overrides: Any) -> tuple[AnchoredVLM, Any]:
+    """Load an exported anchored checkpoint: (AnchoredVLM in eval mode on `device`, processor).
+
+    `anchor_overrides` replace fields of the saved ``anchor_config.json`` (strategy, threshold,
+    top_fraction, max_anchors, pause_tokens, scope, seed); the strings "none"/"null" stand for
+    None in threshold, top_fraction and max_anchors (command-line model_args are strings).
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    root = Path(path)
+    cfg_file = root / "anchor_config.json"
+    if not (root / "config.json").is_file():
+        raise FileNotFoundError(f"{root} holds no config.json: not an exported HF Llava model "
+                                "directory (write one with `attanchor export`)")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: export the checkpoint with "
+                                "`attanchor export`, or write AnchorConfig(...).to_dict() there "
+                                "(strategy 'none' for a plain LLaVA)")
+    saved = json.loads(cfg_file.read_text())
+    for key, value in anchor_overrides.items():
+        if key in _OPTIONAL_FIELDS and isinstance(value, str) and value.lower() in _NONE_STRINGS:
+            value = None
+        saved[key] = value
+    config = AnchorConfig.from_dict(saved)
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r}: expected 'auto' or a torch dtype name such as "
+                             "'float32', 'bfloat16', 'float16'")
+        dtype = getattr(torch, dtype)
+    model = LlavaForConditionalGeneration.from_pretrained(root, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(root)
+    vlm = AnchoredVLM(model, config).to(device)
+    vlm.eval()
+    return vlm, processor
+
+
+def _chat_prompt(processor: Any, context: str, n_images: int) -> tuple[str, int, int]:
+    """Chat-template text of one user turn, and the (start, end) chars of its user text.
+
+    The context gets one "<image>\\n" per image in front when it has no placeholder (lmms-eval
+    prompts usually have none); otherwise its placeholders must match the images.
+    """
+    if IMAGE_PLACEHOLDER in context:
+        if context.count(IMAGE_PLACEHOLDER) != n_images:
+            raise ValueError(f"prompt has {context.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} "
+                             f"placeholders but the request brings {n_images} images: {context!r}")
+        content = context
+    else:
+        content = f"{IMAGE_PLACEHOLDER}\n" * n_images + context
+    owner = processor if getattr(processor, "chat_template", None) else processor.tokenizer
+    if not getattr(owner, "chat_template", None):
+        raise ValueError("the checkpoint's processor and tokenizer have no chat template; "
+                         "export it with one")
+    text = owner.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                     add_generation_prompt=True)
+    start = text.rfind(content)
+    if start < 0:
+        raise ValueError(f"the chat template rewrote the user text, so its tokens cannot be "
+                         f"located: {content!r} not in {text!r}")
+    return text, start, start + len(content)
+
+
+def _to_expanded(pos: int, replacements: Sequence[dict[str, Any]]) -> int:
+    """A char position of the templated text -> the same position after the processor
+    expanded each image placeholder into its image tokens."""
+    shift = 0
+    for r in replacements:
+        (s, e), (ns, ne) = r["span"], r["new_span"]
+        if e <= pos:
+            shift += (ne - ns) - (e - s)
+    return pos + shift
+
+
+def prompt_inputs(processor: Any, contexts: Sequence[str], images: Sequence[Sequence[Image.Image]],
+                  continuations: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Tokenise single-turn prompts (left-padded) with their images and candidate masks.
+
+    Returns input_ids (B, L) long, attention_mask (B, L) long, pixel_values (N_images, 3, H, W),
+    candidate_mask (B, L) bool: True at tokens of the user text that are neither image tokens
+    nor special tokens. With `continuations`, each is appended after the generation prompt and
+    "continuation_mask" (B, L) bool marks the tokens that hold continuation characters.
+
+    Example (tiny model): "<image>\\nIs there a red shape?" -> "USER: <image>x64\\nis there a
+    red shape ? ASSISTANT:" with candidates exactly at "is there a red shape ?".
+    """
+    if len(contexts) != len(images):
+        raise ValueError(f"{len(contexts)} prompts but {len(images)} image lists")
+    tok = processor.tokenizer
+    texts, spans, cont_starts = [], [], []
+    for i, (context, imgs) in enumerate(zip(contexts, images, strict=True)):
+        if not imgs or not all(isinstance(im, Image.Image) for im in imgs):
+            raise ValueError(f"request {i}: expected one or more PIL images, got {imgs!r} "
+                             "(video and text-only requests are not supported)")
+        text, start, end = _chat_prompt(processor, context, len(imgs))
+        cont_starts.append(len(text))
+        if continuations is not None:
+            text = text + continuations[i]
+        texts.append(text)
+        spans.append((start, end))
+    # Left padding: AnchoredVLM.generate requires it.
+    enc = processor(text=texts, images=[im.convert("RGB") for imgs in images for im in imgs],
+                    return_tensors="pt", padding=True, padding_side="left",
+                    return_offsets_mapping=True, return_text_replacement_offsets=True)
+    if "offset_mapping" not in enc or "text_replacement_offsets" not in enc:
+        raise ValueError("the processor returned no offset_mapping/text_replacement_offsets: "
+                         "a fast tokenizer and a transformers 5 processor are required")
+    offsets = enc["offset_mapping"]  # (B, L, 2) chars of the expanded text
+    special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+    ids = enc["input_ids"]
+    plain = ~torch.isin(ids, special) & (ids != int(processor.image_token_id))  # (B, L)
+    nonempty = offsets[..., 1] > offsets[..., 0]
+    cand = torch.zeros_like(ids, dtype=torch.bool)
+    cont = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (start, end) in enumerate(spans):
+        reps = enc["text_replacement_offsets"][b]
+        lo, hi = _to_expanded(start, reps), _to_expanded(end, reps)
+        inside = (offsets[b, :, 0] >= lo) & (offsets[b, :, 1] <= hi)
+        cand[b] = inside & plain[b] & nonempty[b] & (enc["attention_mask"][b] > 0)
+        c0 = _to_expanded(cont_starts[b], reps)
+        cont[b] = (offsets[b, :, 1] > c0) & nonempty[b] & (enc["attention_mask"][b] > 0)
+    out = {"input_ids": ids, "attention_mask": enc["attention_mask"],
+           "pixel_values": enc["pixel_values"], "candidate_mask": cand}
+    if continuations is not None:
+        out["continuation_mask"] = cont
+    return out
+
+
+def _generation_settings(gen_kwargs: dict[str, Any], default_max_new_tokens: int,
+                         tokenizer: Any) -> tuple[dict[str, Any], list[str]]:
+    """lmms-eval generation_kwargs -> (HF generate kwargs, stop strings)."""
+    kw = dict(gen_kwargs)
+    until = kw.pop("until", None)
+    until = [until] if isinstance(until, str) else list(until or [])
+    temperature = float(kw.pop("temperature", 0) or 0)
+    do_sample = bool(kw.pop("do_sample", False)) or temperature > 0
+    top_p = kw.pop("top_p", None)
+    hf = {"max_new_tokens": int(kw.pop("max_new_tokens", default_max_new_tokens)),
+          "num_beams": int(kw.pop("num_beams", 1) or 1), "do_sample": do_sample,
+          "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if do_sample:
+        hf["temperature"] = temperature if temperature > 0 else 1.0
+        if top_p is not None:
+            hf["top_p"] = float(top_p)
+    hf.update(kw)  # anything else the task asks for goes to HF generate as it is
+    return hf, until
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    """Text before the first stop string (lm-eval's convention), stripped."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text.strip()
+
+
+@torch.no_grad()
+def generate_answers(vlm: AnchoredVLM, processor: Any, contexts: Sequence[str],
+                     images: Sequence[Sequence[Image.Image]], gen_kwargs: dict[str, Any],
+                     default_max_new_tokens: int = 128) -> list[str]:
+    """Answer a batch of single-turn prompts with anchored generation; one string each."""
+    inputs = prompt_inputs(processor, contexts, images)
+    device = next(vlm.parameters()).device
+    dtype = next(vlm.model.parameters()).dtype
+    hf_kwargs, until = _generation_settings(gen_kwargs, default_max_new_tokens,
+                                            processor.tokenizer)
+    new = vlm.generate(inputs["input_ids"].to(device), inputs["pixel_values"].to(device, dtype),
+                       inputs["attention_mask"].to(device),
+                       candidate_mask=inputs["candidate_mask"].to(device), **hf_kwargs)
+    texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return [_cut(t, until) for t in texts]
+
+
+@torch.no_grad()
+def continuation_loglikelihood(vlm: AnchoredVLM, processor: Any, context: str,
+                               continuation: str, images: Sequence[Image.Image]
+                               ) -> tuple[float, bool]:
+    """(sum of log p(continuation tokens | prompt), whether greedy decoding yields them).
+
+    The prompt is regrouped as in generation; the continuation follows the generation prompt
+    and is never a candidate. A token that straddles the prompt/continuation boundary counts
+    as continuation.
+    """
+    inputs = prompt_inputs(processor, [context], [images], continuations=[continuation])
+    mask = inputs["continuation_mask"]
+    if not mask.any():
+        raise ValueError(f"continuation {continuation!r} produced no tokens")
+    device = next(vlm.parameters()).device
+    dtype = next(vlm.model.parameters()).dtype
+    labels = torch.where(mask, inputs["input_ids"], torch.full_like(inputs["input_ids"], -100))
+    out = vlm(inputs["input_ids"].to(device), inputs["pixel_values"].to(device, dtype),
+              inputs["attention_mask"].to(device), labels=labels.to(device),
+              candidate_mask=inputs["candidate_mask"].to(device))
+    if vlm.config.active:  # logits are over the regrouped sequence: use its labels
+        labels = vlm.last_regrouped.labels
+    logits = out.logits[:, :-1].float()  # (1, L'-1, V) predicts positions 1..L'-1
+    target = labels[:, 1:].to(logits.device)
+    keep = target != -100
+    logprobs = torch.log_softmax(logits, dim=-1)
+    picked = logprobs.gather(-1, target.clamp(min=0)[..., None])[..., 0]  # (1, L'-1)
+    total = float(picked[keep].sum())
+    greedy = bool((logits.argmax(-1)[keep] == target[keep]).all())
+    if not math.isfinite(total):
+        raise ValueError(f"log-likelihood of {continuation!r} is not finite ({total})")
+    return total, greedy
+
+
+def lmms_manifest() -> Any:
+    """lmms-eval's registration payload (the "lmms_eval.models" entry point's target)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="anchored_llava",
+                         simple_class_path="attanchor.eval.lmms_plugin.AnchoredLlava",
+                         aliases=("attanchor",))
+
+
+def register_with_lmms_eval() -> None:
+    """Register "anchored_llava" (alias "attanchor") in a running lmms-eval, without the
+    entry point (for Python use and tests)."""
+    from lmms_eval.models import MODEL_REGISTRY_V2
+
+    MODEL_REGISTRY_V2.register_manifest(lmms_manifest(), overwrite=True)
+
+
+try:
+    from lmms_eval.api.model import lmms as _LmmsBase
+except ImportError as _err:  # lmms-eval is optional: only AnchoredLlava needs it
+    _LmmsBase = None
+    _IMPORT_ERROR: ImportError | None = _err
+else:
+    _IMPORT_ERROR = None
+
+
+if _LmmsBase is not None:
+
+    class AnchoredLlava(_LmmsBase):
+        """lmms-eval model "anchored_llava": an exported anchored LLaVA checkpoint.
+
+        model_args: pretrained (the checkpoint directory), device (default: cuda when
+        available, else cpu), dtype ("auto" | torch dtype name), batch_size, max_new_tokens
+        (when a task sets none), and any AnchorConfig field as an override (strategy,
+        threshold, top_fraction, max_anchors, pause_tokens, scope, seed).
+        Supports generate_until and loglikelihood on image tasks; single process.
+        """
+
+        is_simple = True
+
+        def __init__(self, pretrained: str, device: str | None = None, dtype: str = "auto",
+                     batch_size: int | str = 1, max_new_tokens: int = 128,
+                     max_batch_size: int | None = None, **anchor_overrides: Any) -> None:
+            super().__init__()
+            del max_batch_size  # the harness passes it; batches here are fixed-size
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            if not str(batch_size).isdigit() or int(batch_size) < 1:
+                raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+            self.batch_size = int(batch_size)
+            self.max_new_tokens = int(max_new_tokens)
+            self.vlm, self.processor = load_anchored_checkpoint(
+                pretrained, device=device, dtype=dtype, **anchor_overrides)
+            self.pretrained = str(pretrained)
+
+        def _visuals(self, doc_to_visual: Any, doc_id: int, task: str, split: str) -> list:
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id])
+            return list(visuals) if isinstance(visuals, list | tuple) else [visuals]
+
+        def generate_until(self, requests: list) -> list[str]:
+            """Answers in request order; batches group requests with equal generation_kwargs."""
+            answers: list[str | None] = [None] * len(requests)
+            groups: dict[str, list[int]] = {}
+            for i, req in enumerate(requests):
+                key = json.dumps(req.args[1], sort_keys=True, default=str)
+                groups.setdefault(key, []).append(i)
+            for idx in groups.values():
+                for k in range(0, len(idx), self.batch_size):
+                    chunk = idx[k:k + self.batch_size]
+                    args = [requests[i].args for i in chunk]
+                    contexts = [a[0] for a in args]
+                    images = [self._visuals(a[2], a[3], a[4], a[5]) for a in args]
+                    outs = generate_answers(self.vlm, self.processor, contexts, images,
+                                            dict(args[0][1]), self.max_new_tokens)
+                    for i, text in zip(chunk, outs, strict=True):
+                        answers[i] = text
+                        self.cache_hook.add_partial("generate_until", requests[i].args[:2], text)
+            return answers  # type: ignore[return-value]
+
+        def loglikelihood(self, requests: list) -> list[tuple[float, bool]]:
+            results = []
+            for req in requests:
+                context, target, doc_to_visual, doc_id, task, split = req.args
+                doc = self.task_dict[task][split][doc_id]
+                continuation = target if isinstance(target, str) else target(doc)
+                images = self._visuals(doc_to_visual, doc_id, task, split)
+                results.append(continuation_loglikelihood(self.vlm, self.processor, context,
+                                                          continuation, images))
+            return results
+
+        def generate_until_multi_round(self, requests: list) -> list[str]:
+            raise NotImplementedError("anchored_llava answers single-turn requests only "
+                                      "(generate_until, loglikelihood)")
+
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name == "AnchoredLlava":
+            raise ImportError(
+                "attanchor.eval.lmms_plugin.AnchoredLlava needs lmms-eval, which is not "
+                f"importable here ({_IMPORT_ERROR}). Install it without its torchvision/CUDA "
+                "pins, as the docstring of attanchor/eval/lmms_plugin.py says"
+            ) from _IMPORT_ERROR
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
