@@ -1,0 +1,283 @@
+"""``VLMDataModule``: validated, indexed records -> rendered samples -> padded batches.
+
+Records are read and checked up front, in ``setup`` (format, roles, placeholders, image paths
+and integrity, and a text render that proves the record fits ``max_length`` under the chosen
+template), so a bad record is reported before the first step. Rendering with images happens
+in the Dataset's ``__getitem__`` (in the loader's workers). Order is a function of
+``(seed, epoch)`` only: a ``DistributedSampler`` seeded with ``seed`` (one replica on a single
+device), so a resumed run replays the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from attanchor.data.collate import collate
+from attanchor.data.formats import (
+    FORMATS,
+    BadRecordError,
+    Conversation,
+    check_image,
+    read_records,
+    resolve_image,
+)
+from attanchor.data.render import SCOPES, RenderedSample, Renderer
+from attanchor.data.templates import NAMED_TEMPLATES
+
+log = logging.getLogger(__name__)
+POLICIES = ("error", "skip")
+
+
+class RecordIndex:
+    """Validated conversations stored as one byte buffer plus offsets: DataLoader workers read
+    it without the copy-on-write growth a list of Python objects causes."""
+
+    def __init__(self, conversations: list[Conversation]) -> None:
+        blobs = [json.dumps(c.to_dict(), ensure_ascii=False).encode() for c in conversations]
+        self.offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        self.offsets[1:] = np.cumsum([len(b) for b in blobs])
+        self.buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8) if blobs else \
+            np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> Conversation:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return Conversation.from_dict(json.loads(self.buffer[a:b].tobytes()))
+
+
+def index_records(path: str | os.PathLike, *, format: str, image_root: str | os.PathLike,
+                  renderer: Renderer | None = None, for_generation: bool = False,
+                  stop_at_first: bool = False) -> tuple[RecordIndex, list[BadRecordError], int]:
+    """Read and check every record of ``path``; return ``(good, bad, total)``.
+
+    Checks: format and roles (``read_records``), each image path confined to ``image_root``,
+    present and intact (header + PIL verify, once per path), and with a ``renderer`` a text
+    render with the processor's image token counts (template mapping, ``max_length``).
+    ``stop_at_first`` raises the first bad record instead of collecting them.
+    """
+    good, bad, total = [], [], 0
+    image_sizes: dict[str, tuple[int, int] | BadRecordError] = {}
+    for item in read_records(path, format, require_answer=not for_generation, errors="yield"):
+        total += 1
+        try:
+            if isinstance(item, BadRecordError):
+                raise item
+            sizes = []
+            for rel in item.images:
+                if rel not in image_sizes:
+                    try:
+                        image_sizes[rel] = check_image(resolve_image(image_root, rel, item.id),
+                                                       item.id)
+                    except BadRecordError as e:
+                        image_sizes[rel] = e
+                got = image_sizes[rel]
+                if isinstance(got, BadRecordError):
+                    raise BadRecordError(item.id, got.reason)
+                sizes.append(got)
+            if renderer is not None:
+                counts = [renderer.token_count_for_size(s) for s in sizes]
+                renderer.render_text(item, counts, for_generation=for_generation)
+            good.append(item)
+        except BadRecordError as e:
+            if stop_at_first:
+                raise
+            bad.append(e)
+    return RecordIndex(good), bad, total
+
+
+class RenderedDataset(Dataset):
+    """Map-style dataset: index i -> ``RenderedSample`` (rendered on access)."""
+
+    def __init__(self, index: RecordIndex, renderer: Renderer,
+                 for_generation: bool = False) -> None:
+        self.index, self.renderer, self.for_generation = index, renderer, for_generation
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> RenderedSample:
+        return self.renderer(self.index[i], for_generation=self.for_generation)
+
+
+class VLMDataModule(L.LightningDataModule):
+    """Train/val/test/predict data for a LLaVA-style model (init args are plain types).
+
+    Args:
+        model_path: where the processor (tokenizer + image processor) is loaded from.
+        train_file, val_file, test_file, predict_file: LLaVA / messages data, .json or .jsonl.
+            ``predict_file`` defaults to ``test_file``; predict renders prompts only (the last
+            answer dropped, generation prompt added) and pads on the left.
+        image_root: image paths are relative to it (default: each data file's folder).
+        format: ``llava`` or ``messages``. template: None (the model's own chat template) or
+            a named one (``llava-1.5``, ``tiny-llava-v1``). scope: candidate scope.
+        on_bad_record: ``error`` (raise at the first) or ``skip`` (write every skipped record
+            with its reason to ``rejects_file``, default ``<trainer root>/rejects.jsonl``, and
+            raise when a split's skipped fraction exceeds ``max_skip_fraction``).
+        image_cache_mb: per-process cache of processed images (workers persist between epochs).
+    """
+
+    def __init__(self, model_path: str, train_file: str | None = None,
+                 val_file: str | None = None, test_file: str | None = None,
+                 predict_file: str | None = None, image_root: str | None = None,
+                 format: str = "llava", template: str | None = None, max_length: int = 2048,
+                 batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
+                 seed: int = 0, on_bad_record: str = "error", max_skip_fraction: float = 0.01,
+                 scope: str = "image_turn", rejects_file: str | None = None,
+                 image_cache_mb: float = 256.0, drop_last: bool = False,
+                 pin_memory: bool = False) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format={format!r}: allowed are {FORMATS}")
+        if template is not None and template not in NAMED_TEMPLATES:
+            raise ValueError(f"template={template!r}: allowed are None or "
+                             f"{sorted(NAMED_TEMPLATES)}")
+        if on_bad_record not in POLICIES:
+            raise ValueError(f"on_bad_record={on_bad_record!r}: allowed are {POLICIES}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r}: allowed are {SCOPES}")
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction={max_skip_fraction}: must lie in [0, 1]")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
+        self.save_hyperparameters()
+        self.model_path, self.format, self.template = model_path, format, template
+        self.files = {"train": train_file, "val": val_file, "test": test_file,
+                      "predict": predict_file or test_file}
+        self.image_root, self.max_length, self.scope = image_root, max_length, scope
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.seed, self.drop_last = num_workers, seed, drop_last
+        self.on_bad_record, self.max_skip_fraction = on_bad_record, max_skip_fraction
+        self.rejects_file, self.image_cache_mb, self.pin_memory = \
+            rejects_file, image_cache_mb, pin_memory
+        self._processor: Any = None
+        self.datasets: dict[str, RenderedDataset] = {}
+        self.rejects: dict[str, list[dict[str, str]]] = {}
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(self.model_path,
+                                                            trust_remote_code=False)
+        return self._processor
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.processor.tokenizer.pad_token_id
+        if pad is None:
+            raise ValueError(f"the tokenizer of {self.model_path} has no pad token; set one "
+                             "(e.g. tokenizer.pad_token = tokenizer.unk_token) and save it")
+        return pad
+
+    def _root(self, split: str) -> str:
+        return self.image_root or str(Path(self.files[split]).parent)
+
+    def _index(self, split: str) -> None:
+        path = self.files[split]
+        if path is None or split in self.datasets:
+            return
+        gen = split == "predict"
+        root = self._root(split)
+        checker = Renderer(self.processor, template=self.template, scope=self.scope,
+                           max_length=self.max_length, image_root=root)
+        try:
+            index, bad, total = index_records(
+                path, format=self.format, image_root=root, renderer=checker,
+                for_generation=gen, stop_at_first=self.on_bad_record == "error")
+        except BadRecordError as e:
+            raise BadRecordError(e.record_id, f"{e.reason} [{split} file {path}; run `attanchor "
+                                 f"data validate --data {path}` to list every bad record, or "
+                                 "set on_bad_record=skip]") from None
+        if self.on_bad_record == "skip":
+            self.rejects[split] = [{"split": split, "file": str(path), "id": e.record_id,
+                                    "reason": e.reason} for e in bad]
+            self._write_rejects()
+            if bad:
+                log.warning("%s: skipped %d of %d records of %s (reasons in %s)", split,
+                            len(bad), total, path, self._rejects_path())
+            if total and len(bad) / total > self.max_skip_fraction:
+                raise ValueError(
+                    f"{split}: {len(bad)} of {total} records of {path} are bad "
+                    f"({len(bad) / total:.1%} > max_skip_fraction={self.max_skip_fraction}); "
+                    f"reasons in {self._rejects_path()}; first: {bad[0]}")
+        if len(index) == 0:
+            raise ValueError(f"{split}: {path} holds no usable record")
+        renderer = Renderer(self.processor, template=self.template, scope=self.scope,
+                            max_length=self.max_length, image_root=root,
+                            verify_template=False,  # every record was verified just above
+                            image_cache_mb=self.image_cache_mb)
+        self.datasets[split] = RenderedDataset(index, renderer, for_generation=gen)
+
+    def _rejects_path(self) -> Path:
+        if self.rejects_file:
+            return Path(self.rejects_file)
+        root = getattr(self.trainer, "default_root_dir", None) if self.trainer else None
+        return Path(root or os.getcwd()) / "rejects.jsonl"
+
+    def _write_rejects(self) -> None:
+        if self.trainer is not None and self.trainer.global_rank != 0:
+            return
+        path = self._rejects_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for rows in self.rejects.values():
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                  "predict": ("predict",), None: ("train", "val", "test", "predict")}[stage]
+        if stage == "fit" and self.files["train"] is None:
+            raise ValueError("fit needs train_file")
+        for split in splits:
+            self._index(split)
+
+    def _loader(self, split: str, *, batch_size: int, padding_side: str,
+                sampler: Any = None) -> DataLoader:
+        if split not in self.datasets:
+            if self.files[split] is None:
+                raise ValueError(f"no {split} file given ({split}_file)")
+            self._index(split)
+        return DataLoader(
+            self.datasets[split], batch_size=batch_size, sampler=sampler, shuffle=False,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            collate_fn=partial(collate, pad_token_id=self.pad_token_id,
+                               padding_side=padding_side),
+            pin_memory=self.pin_memory, drop_last=self.drop_last and split == "train")
+
+    def train_dataloader(self) -> DataLoader:
+        if "train" not in self.datasets:
+            self._index("train")
+        world = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        # Order = f(seed, epoch): Lightning calls set_epoch; resumes replay the same order.
+        sampler = DistributedSampler(self.datasets["train"], num_replicas=world, rank=rank,
+                                     shuffle=True, seed=self.seed, drop_last=self.drop_last)
+        return self._loader("train", batch_size=self.batch_size, padding_side="right",
+                            sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.files["val"] is None:
+            return []  # Lightning runs no validation loop for an empty list
+        return self._loader("val", batch_size=self.eval_batch_size, padding_side="right")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", batch_size=self.eval_batch_size, padding_side="right")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Prompts only (no answer, generation prompt appended), left-padded for generate."""
+        return self._loader("predict", batch_size=self.eval_batch_size, padding_side="left")
