@@ -230,21 +230,22 @@ def regroup(
     img_pos, img_valid = _pack(image_mask.bool())  # (B, M)
     cand_pos, cand_valid = _pack(candidate_mask.bool())  # (B, N)
 
-    def gather_rows(pos: Tensor) -> Tensor:  # (B, K) -> (B, K, d)
-        return embeds.detach().gather(1, pos[..., None].expand(-1, -1, d))
-
+    rows = torch.arange(B, device=dev)[:, None]
+    # Keys are the whole sequence with a mask, so the argmax is already a baseline position
+    # (lowest position = lowest image/candidate index on ties); only queries are gathered.
+    keys = embeds.detach()
     if config.strategy == "image_into_text":
-        scores, best = best_match(gather_rows(img_pos), gather_rows(cand_pos), cand_valid,
+        scores, host = best_match(keys[rows, img_pos], keys, candidate_mask.bool(),
                                   max_similarity_elements)
         keep = select(scores, img_valid, config)
-        src, host = img_pos, _gather_or_zeros(cand_pos, best)
+        src = img_pos
     else:
-        scores, best = best_match(gather_rows(cand_pos), gather_rows(img_pos), img_valid,
+        scores, best = best_match(keys[rows, cand_pos], keys, image_mask.bool(),
                                   max_similarity_elements)
         keep = select(scores, cand_valid, config)
         src = cand_pos
         if config.strategy == "text_into_image":
-            host = _gather_or_zeros(img_pos, best)
+            host = best
         elif config.strategy == "append":
             last_img = torch.where(image_mask.bool(), torch.arange(L, device=dev), -1).amax(dim=1)
             host = last_img[:, None].expand_as(src)
@@ -298,7 +299,8 @@ def regroup(
 
     # (B, L, d) -> (B, L', d): the gather carries gradients into every copy.
     out = embeds.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, d))
-    out = torch.where((origin >= 0)[..., None], out, torch.zeros((), dtype=out.dtype, device=dev))
+    if not valid.all():  # in place is safe: gather does not keep its output for backward
+        out = out.masked_fill_(~valid[..., None], 0)
     if K:
         out = torch.where(is_pause[..., None], pause_embedding.to(out.dtype), out)
     out_labels = None
