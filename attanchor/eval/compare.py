@@ -26,16 +26,20 @@ def run_dir(recipe: dict[str, Any], strategy: str, seed: int) -> Path:
 
 
 def loss_curve(metrics_csv: Path, key: str = "train/loss") -> list[tuple[float, float]]:
-    """(step, value) pairs of ``key`` from a Lightning CSV log (rows without it skipped)."""
-    if not metrics_csv.exists():
-        return []
-    points = []
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            value = row.get(key, "")
-            if value not in ("", None):
-                points.append((float(row["step"]), float(value)))
-    return points
+    """(step, value) pairs of ``key`` from a Lightning CSV log, including the parts written
+    before each resume (``metrics.partK.csv``); a step logged twice keeps its latest value."""
+    parts = sorted(metrics_csv.parent.glob("metrics.part*.csv"),
+                   key=lambda p: int(p.stem.removeprefix("metrics.part")))
+    by_step: dict[float, float] = {}
+    for path in [*parts, metrics_csv]:
+        if not path.exists():
+            continue
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                value = row.get(key, "")
+                if value not in ("", None):
+                    by_step[float(row["step"])] = float(value)
+    return sorted(by_step.items())
 
 
 def train_arm(recipe_path: str, strategy: str, seed: int, overrides: Sequence[str]) -> None:

@@ -47,6 +47,23 @@ class RunSettings:
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
 
+def keep_previous_logs(run_dir: Path, resuming: bool) -> None:
+    """Lightning's CSVLogger deletes an existing metrics.csv; move it aside instead.
+
+    Resuming: it becomes ``metrics.partK.csv``, read back as the start of the curve
+    (``attanchor.eval.compare.loss_curve``). A fresh run over an old one: it becomes
+    ``metrics.replaced-K.csv``, kept but no longer part of the curve.
+    """
+    current = run_dir / "metrics.csv"
+    if not current.exists():
+        return
+    stem = "metrics.part" if resuming else "metrics.replaced-"
+    k = 1
+    while (run_dir / f"{stem}{k}.csv").exists():
+        k += 1
+    current.rename(run_dir / f"{stem}{k}.csv")
+
+
 class _Parsed(Exception):
     """Raised by a parse-only CLI once the recipe is parsed and its classes built."""
 
@@ -95,6 +112,7 @@ class AttanchorCLI(LightningCLI):
             kwargs["strategy"] = build_strategy(strategy,
                                                 accelerator=trainer_cfg.get("accelerator", "auto"))
         if trainer_cfg.get("logger") in (None, True):
+            keep_previous_logs(run_dir, resuming=bool(cfg.get("ckpt_path")))
             kwargs["logger"] = self._loggers(run, run_dir)
         has_val = bool(self.datamodule.files.get("val"))
         monitor = "val/loss" if has_val else None
@@ -108,7 +126,8 @@ class AttanchorCLI(LightningCLI):
         if has_val and run.early_stopping_patience is not None:
             callbacks.append(EarlyStopping(monitor="val/loss", mode="min",
                                            patience=run.early_stopping_patience))
-        kwargs["callbacks"] = list(trainer_cfg.get("callbacks") or []) + callbacks
+        user = trainer_cfg.get("callbacks") or []
+        kwargs["callbacks"] = (list(user) if isinstance(user, list | tuple) else [user]) + callbacks
         return super().instantiate_trainer(**kwargs)
 
     def _loggers(self, run: RunSettings, run_dir: Path) -> list[Any]:

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
 
+from attanchor.eval.compare import loss_curve
 from attanchor.train.cli import build_cli, validate_recipe
 from attanchor.train.recipe import deep_merge, resolve_recipe
 from tests.conftest import world_overrides
@@ -120,16 +122,30 @@ def trainable_weights(cli) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in cli.model.named_parameters() if p.requires_grad}
 
 
+class CrashInSecondEpoch(Callback):
+    """Simulates a killed job: dies as epoch 2 starts, after epoch 1's checkpoint."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
 def test_resume_continues_exactly(tiny_world, tmp_path):
-    """Stop after epoch 1, resume with --ckpt_path last: same weights as 2 epochs straight."""
+    """A run killed after epoch 1 and resumed with --ckpt_path last ends with the same weights
+    and the same loss curve as the run that was never interrupted."""
     common = ("--run.wandb", "false", "--trainer.max_steps", "-1", "--trainer.limit_train_batches",
               "3", "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch",
-              "1", "--run.early_stopping_patience", "null")
-    straight = fit(tiny_world, tmp_path / "straight", *common, "--trainer.max_epochs", "2")
-    fit(tiny_world, tmp_path / "resumed", *common, "--trainer.max_epochs", "1")
-    resumed = fit(tiny_world, tmp_path / "resumed", *common, "--trainer.max_epochs", "2",
-                  "--ckpt_path", "last")
+              "1", "--run.early_stopping_patience", "null", "--trainer.max_epochs", "2",
+              "--trainer.log_every_n_steps", "1")
+    straight = fit(tiny_world, tmp_path / "straight", *common)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tiny_world, tmp_path / "resumed", *common, "--trainer.callbacks",
+            "tests.train.test_cli.CrashInSecondEpoch")
+    resumed = fit(tiny_world, tmp_path / "resumed", *common, "--ckpt_path", "last")
     assert resumed.trainer.global_step == straight.trainer.global_step == 6
+    run = "demo/text_into_image-seed0/metrics.csv"
+    assert loss_curve(tmp_path / "resumed" / run) == loss_curve(tmp_path / "straight" / run)
+    assert len(loss_curve(tmp_path / "straight" / run)) == 6
     a, b = trainable_weights(straight), trainable_weights(resumed)
     assert a.keys() == b.keys()
     for name in a:
