@@ -14,15 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from attanchor.train.recipe import resolve_recipe
-
 ARM_FILES = ("checkpoints/best.ckpt", "checkpoints/last.ckpt")
 
 
 def run_dir(recipe: dict[str, Any], strategy: str, seed: int) -> Path:
-    """The directory `attanchor fit` writes for this recipe, strategy and seed."""
+    """The directory `attanchor fit` writes for a resolved recipe mapping, strategy and seed."""
     run = recipe.get("run", {})
     return Path(run.get("root", "runs")) / run.get("name", "default") / f"{strategy}-seed{seed}"
+
+
+def arm_dir(parsed: Any, strategy: str, seed: int) -> Path:
+    """The same for a recipe parsed with its overrides (``validate_recipe``)."""
+    return Path(parsed.run.root) / parsed.run.name / f"{strategy}-seed{seed}"
 
 
 def loss_curve(metrics_csv: Path, key: str = "train/loss") -> list[tuple[float, float]]:
@@ -96,16 +99,17 @@ def compare(recipe_path: str, *, seeds: Sequence[int], strategies: Sequence[str]
     Returns {"summary", "paths", "table"} (see ``attanchor.eval.report``).
     """
     from attanchor.eval.report import format_table, summarize_arms, write_report
+    from attanchor.train.cli import validate_recipe
 
-    recipe = resolve_recipe(recipe_path)
-    data = recipe.get("data", {})
-    image_root = image_root or data.get("image_root")
-    template = data.get("template")
+    # Parsed with the overrides, so run.root / run.name / data paths are the ones fit uses.
+    parsed = validate_recipe(recipe_path, list(overrides))
+    image_root = image_root or parsed.data.image_root
+    template = parsed.data.template
     results: dict[str, dict[int, dict[str, float]]] = {}
     curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
     for strategy in strategies:
         for seed in seeds:
-            arm = run_dir(recipe, strategy, seed)
+            arm = arm_dir(parsed, strategy, seed)
             done = arm / "eval" / "metrics.json"
             if done.exists():
                 log(f"[compare] {arm}: finished earlier, reusing")
@@ -119,7 +123,7 @@ def compare(recipe_path: str, *, seeds: Sequence[int], strategies: Sequence[str]
                                        batch_size=batch_size, template=template)
             results.setdefault(strategy, {})[seed] = metrics
             curves.setdefault(strategy, {})[seed] = loss_curve(arm / "metrics.csv")
-    out = Path(out_dir) if out_dir else run_dir(recipe, "x", 0).parent
+    out = Path(out_dir) if out_dir else arm_dir(parsed, "x", 0).parent
     baseline = "none" if "none" in strategies else None
     title = f"attanchor comparison: {Path(recipe_path).as_posix()} (seeds {list(seeds)})"
     paths = write_report(out, results, curves, baseline, title=title)
