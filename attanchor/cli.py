@@ -27,7 +27,7 @@ run `attanchor <command> --help` for a command's options
 
 COMMANDS = {
     "fit": "attanchor.train.cli", "validate": "attanchor.train.cli", "test": "attanchor.train.cli",
-    "export": "attanchor.train.export",
+    "export": "attanchor.train.export_cmd",
     "data": "attanchor.data.cli",
     "eval": "attanchor.eval.cli", "compare": "attanchor.eval.cli", "demo": "attanchor.eval.cli",
     "calibrate": "attanchor.eval.cli", "visualize": "attanchor.eval.cli",

@@ -134,3 +134,27 @@ def test_calibrate_cli(tiny_world, tmp_path, capsys):
     assert sims.numel() > 0 and torch.isfinite(sims).all()
     tau = threshold_for_fraction(sims, 0.25)
     assert f"tau = {tau:.4f}" in text
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_export_cli_then_reload_gives_the_same_logits(compared, tiny_world, tmp_path, merge):
+    from attanchor.train.checkpoint import load_anchored, load_module
+
+    ckpt = compared["out"] / "runs" / "demo" / "text_into_image-seed0" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "export"
+    args = ["export", "--checkpoint", str(ckpt), "--out", str(out)] + (["--merge"] if merge else [])
+    assert cli_main(args) == 0
+    assert json.loads((out / "anchor_config.json").read_text())["strategy"] == "text_into_image"
+    assert list(out.glob("*.safetensors"))
+    module = load_module(ckpt)
+    reloaded, processor = load_anchored(out)
+    assert reloaded.config == module.anchor_config
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want = module.hf_model(input_ids=ids).logits
+        got = reloaded.model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    if merge:  # a plain HF directory: transformers alone opens it
+        plain = LlavaForConditionalGeneration.from_pretrained(out)
+        assert torch.allclose(plain(input_ids=ids).logits, want, atol=1e-5)
+        assert AutoProcessor.from_pretrained(out).tokenizer.chat_template
