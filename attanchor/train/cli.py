@@ -109,8 +109,15 @@ class AttanchorCLI(LightningCLI):
         kwargs.setdefault("default_root_dir", str(run_dir))
         strategy = trainer_cfg.get("strategy", "auto")
         if isinstance(strategy, str):
-            kwargs["strategy"] = build_strategy(strategy,
-                                                accelerator=trainer_cfg.get("accelerator", "auto"))
+            settings = self.model.settings
+            opts: dict[str, Any] = {}
+            if strategy.startswith("deepspeed") and settings.mode != "full":
+                opts["exclude_frozen_parameters"] = True  # LoRA: checkpoint trainables only
+            if strategy == "ddp" and not settings.freeze_vision_tower:
+                # LLaVA's vision_feature_layer=-2 leaves the tower's last layer unused.
+                opts["find_unused_parameters"] = True
+            kwargs["strategy"] = build_strategy(
+                strategy, accelerator=trainer_cfg.get("accelerator", "auto"), **opts)
         if trainer_cfg.get("logger") in (None, True):
             keep_previous_logs(run_dir, resuming=bool(cfg.get("ckpt_path")))
             kwargs["logger"] = self._loggers(run, run_dir)
