@@ -1,0 +1,176 @@
+"""What makes a run reproducible: the resolved config, the environment and the data's hashes.
+
+A run directory (shared/ARCHITECTURE.md)::
+
+    runs/<recipe-name>/<strategy>-seed<k>/
+      config.yaml   the resolved recipe (write_run_info)
+      env.json      package versions, python, platform, git commit, data file hashes
+
+Example::
+
+    run_dir = run_dir_for("runs", "demo", "text_into_image", 0)
+    write_run_info(run_dir, resolved_config, [train_file, val_file])
+
+Only the global-zero process should call ``write_run_info``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGES = (
+    "attanchor", "torch", "transformers", "peft", "lightning", "deepspeed", "bitsandbytes",
+    "wandb", "accelerate", "safetensors", "tokenizers", "jsonargparse",
+)
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_state(repo_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """``{"commit": sha, "dirty": bool}`` of the git work tree holding ``repo_dir``, else None.
+
+    Default ``repo_dir``: the directory of the attanchor package (the code that trains). Dirty
+    means tracked files differ from the commit; untracked files (run outputs) do not count.
+    """
+    if repo_dir is None:
+        repo_dir = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo_dir), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(repo_dir), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None  # no git, not a work tree, or a repository without commits
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def collect_env(
+    data_files: Sequence[str | os.PathLike], *, repo_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """The environment of this run, as a JSON-able dict.
+
+    Keys: ``python``, ``platform``, ``packages`` (name -> version, None when not installed),
+    ``torch`` (``cuda`` version or None, ``devices``: names of visible GPUs), ``git``
+    (``git_state``), ``data_files`` (path -> ``{"sha256", "bytes"}``), ``argv``, ``created``.
+    A data file that is missing or a directory raises, naming it.
+    """
+    import torch
+
+    hashes: dict[str, dict[str, Any]] = {}
+    for f in data_files:
+        path = Path(f)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data file {path}: not found (or not a file); run info hashes each data file"
+            )
+        hashes[str(path)] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    devices = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available() else []
+    )
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "torch": {"cuda": torch.version.cuda, "devices": devices},
+        "git": git_state(repo_dir),
+        "data_files": hashes,
+        "argv": list(sys.argv),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _plain(value: Any, where: str) -> Any:
+    """YAML-safe copy: mappings, lists, tuples (-> lists), paths (-> str) and scalars."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(
+        f"resolved config at {where}: {type(value).__name__} is not YAML-safe; convert it to "
+        "plain dicts/lists/scalars first (e.g. dataclasses.asdict)"
+    )
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_run_info(
+    run_dir: str | os.PathLike,
+    resolved_config: Mapping[str, Any],
+    data_files: Sequence[str | os.PathLike],
+    *,
+    repo_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Write ``config.yaml`` (``yaml.safe_dump`` of the resolved config) and ``env.json``.
+
+    Creates ``run_dir``; both files are written atomically and overwritten on a rerun (a
+    resumed run records the environment it resumed in). Returns the env dict.
+    """
+    run_dir = Path(run_dir)
+    config = _plain(resolved_config, "config")
+    env = collect_env(data_files, repo_dir=repo_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    _atomic_write(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+    return env
+
+
+def run_dir_for(
+    root: str | os.PathLike, recipe_name: str, strategy: str, seed: int
+) -> Path:
+    """``root/<recipe_name>/<strategy>-seed<seed>``.
+
+    ``recipe_name`` may be nested (``tinyllava-1b/lora``); every part and ``strategy`` must be a
+    plain name (letters, digits, ``.``, ``_``, ``-``; no ``..``) so a run cannot land outside
+    ``root``. Example: ``run_dir_for("runs", "demo", "none", 0)`` -> ``runs/demo/none-seed0``.
+    """
+    parts = recipe_name.split("/")
+    for part in [*parts, strategy]:
+        if not _NAME.match(part) or part in (".", ".."):
+            raise ValueError(
+                f"run directory name part {part!r} (recipe {recipe_name!r}, strategy "
+                f"{strategy!r}): use letters, digits, '.', '_' and '-' only"
+            )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r}: must be an int")
+    return Path(root).joinpath(*parts, f"{strategy}-seed{seed}")

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Launch `attanchor fit` on this machine, on several nodes, or under SLURM.
+# Environment and launcher only: every hyperparameter lives in the recipe.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: ./launch.sh RECIPE.yaml [--key value ...]
+
+Runs `python -m attanchor.cli fit --config RECIPE.yaml [--key value ...]` with one process per
+GPU (or NPROC_PER_NODE CPU processes when there is no GPU). The launcher adds
+`--trainer.accelerator`, `--trainer.devices` and `--trainer.num_nodes` for the topology it
+starts, before your overrides (which win).
+
+How it launches:
+  SLURM_JOB_ID set      srun, one task per process (request them with sbatch
+                        --nodes=N --ntasks-per-node=GPUS); run launch.sh once, from the batch
+                        script, not under srun.
+  NNODES > 1            torchrun rendezvous with NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT;
+                        run launch.sh once on every node.
+  one node, > 1 process torchrun --standalone.
+  one process           python directly.
+
+Environment variables:
+  GPUS_PER_NODE    processes (GPUs) per node; default: the visible GPUs (CUDA_VISIBLE_DEVICES,
+                   else nvidia-smi -L), 0 means CPU.
+  NPROC_PER_NODE   CPU processes per node when there is no GPU (default 1).
+  NNODES           number of nodes (default 1; under SLURM: SLURM_JOB_NUM_NODES).
+  NODE_RANK        this node's rank, 0..NNODES-1 (default 0).
+  MASTER_ADDR      address of node 0 (required when NNODES > 1).
+  MASTER_PORT      port on node 0 (default 29500).
+  PYTHON           the Python interpreter (default: python).
+  DRY_RUN=1        print the command instead of running it.
+
+Examples:
+  ./launch.sh recipes/demo/anchored.yaml
+  NPROC_PER_NODE=2 ./launch.sh recipes/demo/anchored.yaml --trainer.strategy ddp
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 ./launch.sh recipes/llava-1.5-7b/lora-anchored.yaml
+EOF
+}
+
+die() {
+  echo "launch.sh: $*" >&2
+  exit 2
+}
+
+is_count() {
+  [[ $1 =~ ^[0-9]+$ ]]
+}
+
+count_gpus() {
+  if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+    # An empty list or "-1" hides every GPU.
+    if [[ -z $CUDA_VISIBLE_DEVICES || $CUDA_VISIBLE_DEVICES == -1* ]]; then
+      echo 0
+    else
+      local -a ids
+      IFS=',' read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+      echo "${#ids[@]}"
+    fi
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+if [[ $# -lt 1 ]]; then
+  usage >&2
+  exit 2
+fi
+case $1 in
+  -h | --help)
+    usage
+    exit 0
+    ;;
+esac
+
+recipe=$1
+shift
+[[ -f $recipe ]] || die "recipe '$recipe' not found (give a path such as recipes/demo/anchored.yaml)"
+
+python_bin=${PYTHON:-python}
+gpus=${GPUS_PER_NODE:-$(count_gpus)}
+is_count "$gpus" || die "GPUS_PER_NODE='$gpus' is not a count"
+
+if [[ -n ${SLURM_JOB_ID:-} ]]; then
+  nnodes=${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}
+else
+  nnodes=${NNODES:-1}
+fi
+if ! is_count "$nnodes" || ((nnodes < 1)); then
+  die "NNODES='$nnodes' must be a count >= 1"
+fi
+
+if ((gpus > 0)); then
+  accelerator=gpu
+  nproc=$gpus
+else
+  accelerator=cpu
+  nproc=${NPROC_PER_NODE:-1}
+  if ! is_count "$nproc" || ((nproc < 1)); then
+    die "NPROC_PER_NODE='$nproc' must be a count >= 1"
+  fi
+fi
+
+fit_args=(
+  fit --config "$recipe"
+  --trainer.accelerator "$accelerator"
+  --trainer.devices "$nproc"
+  --trainer.num_nodes "$nnodes"
+  "$@"
+)
+
+if [[ -n ${SLURM_JOB_ID:-} ]]; then
+  # SLURM starts every process; Lightning reads ranks and the rendezvous from SLURM_*.
+  cmd=(srun --kill-on-bad-exit=1 "$python_bin" -m attanchor.cli "${fit_args[@]}")
+elif ((nnodes > 1)); then
+  [[ -n ${MASTER_ADDR:-} ]] || die "NNODES=$nnodes needs MASTER_ADDR (the address of node 0)"
+  node_rank=${NODE_RANK:-0}
+  if ! is_count "$node_rank" || ((node_rank >= nnodes)); then
+    die "NODE_RANK='$node_rank' must lie in 0..$((nnodes - 1))"
+  fi
+  cmd=("$python_bin" -m torch.distributed.run
+    --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc"
+    --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}"
+    -m attanchor.cli "${fit_args[@]}")
+elif ((nproc > 1)); then
+  cmd=("$python_bin" -m torch.distributed.run --standalone --nproc_per_node "$nproc"
+    -m attanchor.cli "${fit_args[@]}")
+else
+  cmd=("$python_bin" -m attanchor.cli "${fit_args[@]}")
+fi
+
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+  printf '%q ' "${cmd[@]}"
+  printf '\n'
+  exit 0
+fi
+exec "${cmd[@]}"
