@@ -25,19 +25,18 @@ def load_module(ckpt_path: str | Path, *, model_path: str | None = None,
                 map_location: str = "cpu") -> AnchorModule:
     """Rebuild the ``AnchorModule`` of a Lightning checkpoint, weights loaded.
 
-    LoRA checkpoints hold only trainable weights: the frozen rest is loaded from the base
-    ``model_path`` recorded in the checkpoint (or the one given here, e.g. after moving it).
+    Checkpoints need hold only the trainable weights (LoRA, or ZeRO with frozen weights
+    excluded): the frozen rest is loaded from the base ``model_path`` recorded in the
+    checkpoint (or the one given here, e.g. after moving it). A missing trainable weight raises.
     A DeepSpeed checkpoint *directory* is consolidated to a plain state dict first.
     """
     path = Path(ckpt_path)
-    if path.is_dir():
-        from lightning.pytorch.utilities.deepspeed import (
-            convert_zero_checkpoint_to_fp32_state_dict,
-        )
+    if path.is_dir():  # a DeepSpeed ZeRO checkpoint: consolidate once, beside it
+        from attanchor.train.strategies import consolidate_checkpoint
 
         consolidated = path.parent / f"{path.name}.consolidated.ckpt"
         if not consolidated.exists():
-            convert_zero_checkpoint_to_fp32_state_dict(str(path), str(consolidated))
+            consolidate_checkpoint(path, consolidated)
         path = consolidated
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     hp = ckpt.get("hyper_parameters")
@@ -56,8 +55,6 @@ def load_module(ckpt_path: str | Path, *, model_path: str | None = None,
     lost = sorted(trainable & set(missing))
     if lost:
         raise ValueError(f"{path}: trainable weights missing from the checkpoint: {lost[:5]}")
-    if model.mode == "full" and missing:
-        raise ValueError(f"{path}: full fine-tune checkpoint lacks weights: {missing[:5]}")
     return module.eval()
 
 

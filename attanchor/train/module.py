@@ -26,7 +26,8 @@ class LoraSettings:
     """LoRA hyper-parameters (the paper, TinyLLaVA: r 32, alpha 64, dropout 0.05).
 
     ``target_modules``: a regex over module names; None = the builder's default (the LLM's
-    attention and MLP projections). ``train_projector``: the paper adapts the projector too.
+    attention and MLP projections). ``train_projector``: the paper adapts the projector too,
+    with LoRA (``projector_mode: lora``) or fully (``full``, via peft's modules_to_save).
     """
 
     r: int = 32
@@ -34,6 +35,7 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: str | None = None
     train_projector: bool = True
+    projector_mode: Literal["lora", "full"] = "lora"
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class AnchorModule(L.LightningModule):
         hf = configure_trainable(
             hf, stage=s.stage, mode=s.mode, lora_r=s.lora.r, lora_alpha=s.lora.alpha,
             lora_dropout=s.lora.dropout, lora_target_modules=s.lora.target_modules,
-            train_projector=s.lora.train_projector, freeze_vision_tower=s.freeze_vision_tower)
+            train_projector=s.lora.train_projector, projector_mode=s.lora.projector_mode,
+            freeze_vision_tower=s.freeze_vision_tower)
         self.anchored = AnchoredVLM(hf, self.anchor_config)
 
     @property
