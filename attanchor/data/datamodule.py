@@ -110,6 +110,11 @@ class RenderedDataset(Dataset):
         return self.renderer(self.index[i], for_generation=self.for_generation)
 
 
+# Checked record indexes by (file, mtime, size, rendering settings); immutable, so shared.
+_INDEX_CACHE: dict[tuple, tuple[RecordIndex, list[BadRecordError], int]] = {}
+_INDEX_CACHE_SIZE = 8
+
+
 class VLMDataModule(L.LightningDataModule):
     """Train/val/test/predict data for a LLaVA-style model (init args are plain types).
 
@@ -192,10 +197,21 @@ class VLMDataModule(L.LightningDataModule):
         root = self._root(split)
         checker = Renderer(self.processor, template=self.template, scope=self.scope,
                            max_length=self.max_length, image_root=root)
+        stop = self.on_bad_record == "error"
+        stat = os.stat(path)
+        # Arms of one comparison run in one process over the same files: check them once.
+        key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, self.format,
+               str(Path(root).resolve()), self.template, self.scope, self.max_length,
+               str(self.model_path), len(self.processor.tokenizer),
+               hash(self.processor.tokenizer.chat_template), gen, stop)
         try:
-            index, bad, total = index_records(
-                path, format=self.format, image_root=root, renderer=checker,
-                for_generation=gen, stop_at_first=self.on_bad_record == "error")
+            if key not in _INDEX_CACHE:
+                _INDEX_CACHE[key] = index_records(
+                    path, format=self.format, image_root=root, renderer=checker,
+                    for_generation=gen, stop_at_first=stop)
+                while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+                    _INDEX_CACHE.pop(next(iter(_INDEX_CACHE)))
+            index, bad, total = _INDEX_CACHE[key]
         except BadRecordError as e:
             raise BadRecordError(e.record_id, f"{e.reason} [{split} file {path}; run `attanchor "
                                  f"data validate --data {path}` to list every bad record, or "
