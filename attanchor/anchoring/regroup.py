@@ -80,7 +80,7 @@ def _position_ids(real: Tensor, side: str) -> Tensor:
     return (ar - n_left).clamp(min=0)
 
 
-def _pack(mask: Tensor) -> tuple[Tensor, Tensor]:
+def pack_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Positions of True entries per row, in order, right-padded: (B, L) -> (B, K), (B, K)."""
     counts = mask.sum(dim=1)
     K = int(counts.max()) if mask.numel() else 0
@@ -227,8 +227,8 @@ def regroup(
         raise ValueError(f"regroup: config.pause_tokens > 0 needs pause_embedding of shape "
                          f"({d},), got {got}")
 
-    img_pos, img_valid = _pack(image_mask.bool())  # (B, M)
-    cand_pos, cand_valid = _pack(candidate_mask.bool())  # (B, N)
+    img_pos, img_valid = pack_positions(image_mask.bool())  # (B, M)
+    cand_pos, cand_valid = pack_positions(candidate_mask.bool())  # (B, N)
 
     rows = torch.arange(B, device=dev)[:, None]
     # Keys are the whole sequence with a mask, so the argmax is already a baseline position

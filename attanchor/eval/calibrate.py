@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from attanchor.anchoring.regroup import best_match, pack_positions
 
 
 @torch.no_grad()
@@ -47,11 +48,11 @@ def best_match_similarities(embeds: Tensor, image_mask: Tensor, candidate_mask: 
     if lonely:
         raise ValueError(f"rows {lonely} have candidates but no image tokens; leave text-only "
                          "rows out of calibration or clear their candidate_mask")
-    unit = F.normalize(embeds.float(), dim=-1)  # (B, L, d) fp32, zero rows stay zero
-    cos = unit @ unit.transpose(1, 2)  # (B, L, L): [b, n, m] = cos(token n, token m)
-    cos = cos.masked_fill(~image_mask[:, None, :], -math.inf)  # only image tokens as matches
-    best = cos.amax(dim=-1)  # (B, L)
-    return best[candidate_mask]  # (N_candidates,)
+    # The regroup's own scoring (fp32, chunked): calibration sees exactly what selection sees.
+    cand_pos, cand_valid = pack_positions(candidate_mask)  # (B, N)
+    rows = torch.arange(b, device=embeds.device)[:, None]
+    scores, _ = best_match(embeds[rows, cand_pos], embeds, image_mask)  # (B, N)
+    return scores[cand_valid]  # (N_candidates,) row-major
 
 
 def _as_array(best_similarities: Tensor | np.ndarray) -> np.ndarray:

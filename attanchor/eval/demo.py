@@ -21,8 +21,8 @@ import attanchor
 
 RECIPES = Path(attanchor.__file__).resolve().parent.parent / "recipes" / "demo"
 # Sized for under 10 minutes on 2 CPU cores (measured in the README).
-PRETRAIN_STEPS = 1200
-ADAPT_STEPS = 150
+PRETRAIN_STEPS = 1500
+ADAPT_STEPS = 300
 EVAL_LIMIT = 400
 
 
