@@ -140,6 +140,29 @@ class AnchorModule(L.LightningModule):
         self.log("train/tokens_per_s", tokens / dt, batch_size=B)
         self.log("train/samples_per_s", B / dt, batch_size=B)
 
+    # Evaluation draws the random control's placements from a fresh generator each time, so
+    # every validation sees the same placements and the training stream is left untouched
+    # (sanity checks and validations do not shift it, which keeps resumes exact).
+    def on_validation_epoch_start(self) -> None:
+        self._swap_in_eval_generator()
+
+    def on_validation_epoch_end(self) -> None:
+        self._swap_back_train_generator()
+
+    def on_test_epoch_start(self) -> None:
+        self._swap_in_eval_generator()
+
+    def on_test_epoch_end(self) -> None:
+        self._swap_back_train_generator()
+
+    def _swap_in_eval_generator(self) -> None:
+        self._train_generator = self.anchored.generator
+        self.anchored.generator = torch.Generator().manual_seed(self.anchor_config.seed)
+
+    def _swap_back_train_generator(self) -> None:
+        if getattr(self, "_train_generator", None) is not None:
+            self.anchored.generator, self._train_generator = self._train_generator, None
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._eval_step("val", batch)
 
@@ -175,7 +198,14 @@ class AnchorModule(L.LightningModule):
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["anchor_config"] = self.anchor_config.to_dict()
+        # The random control's placements continue exactly after a resume.
+        checkpoint["anchor_generator_state"] = self.anchored.generator.get_state()
         if self.settings.mode != "full":
             trainable = {n for n, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("anchor_generator_state")
+        if state is not None and self.anchored is not None:
+            self.anchored.generator.set_state(state)

@@ -130,10 +130,12 @@ class CrashInSecondEpoch(Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_resume_continues_exactly(tiny_world, tmp_path):
+@pytest.mark.parametrize("strategy", ["text_into_image", "random"])
+def test_resume_continues_exactly(tiny_world, tmp_path, strategy):
     """A run killed after epoch 1 and resumed with --ckpt_path last ends with the same weights
-    and the same loss curve as the run that was never interrupted."""
-    common = ("--run.wandb", "false", "--trainer.max_steps", "-1", "--trainer.limit_train_batches",
+    and the same loss curve as the run that was never interrupted (the random control's
+    placement generator included)."""
+    common = ("--model.anchor.strategy", strategy, "--run.wandb", "false", "--trainer.max_steps", "-1", "--trainer.limit_train_batches",
               "3", "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch",
               "1", "--run.early_stopping_patience", "null", "--trainer.max_epochs", "2",
               "--trainer.log_every_n_steps", "1")
@@ -143,7 +145,7 @@ def test_resume_continues_exactly(tiny_world, tmp_path):
             "tests.train.test_cli.CrashInSecondEpoch")
     resumed = fit(tiny_world, tmp_path / "resumed", *common, "--ckpt_path", "last")
     assert resumed.trainer.global_step == straight.trainer.global_step == 6
-    run = "demo/text_into_image-seed0/metrics.csv"
+    run = f"demo/{strategy}-seed0/metrics.csv"
     assert loss_curve(tmp_path / "resumed" / run) == loss_curve(tmp_path / "straight" / run)
     assert len(loss_curve(tmp_path / "straight" / run)) == 6
     a, b = trainable_weights(straight), trainable_weights(resumed)
