@@ -106,11 +106,14 @@ def best_match(
     if Q == 0 or K == 0:
         return scores, index
     q = F.normalize(queries.float(), dim=-1)
-    k = F.normalize(keys.float(), dim=-1)
+    k = keys.float()
+    # Scale the (B, q, K) products by 1/|k| instead of normalising the (B, K, d) keys: the
+    # keys are usually the whole sequence, the products a few candidates wide.
+    k_inv = 1.0 / torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12)  # (B, K)
     chunk = max(1, max_elements // max(1, B * K))
     for start in range(0, Q, chunk):  # loop over chunks only, usually a single pass
         sim = torch.bmm(q[:, start : start + chunk], k.transpose(1, 2))  # (B, q, K)
-        sim = sim.masked_fill(~key_valid[:, None, :], -math.inf)
+        sim = (sim * k_inv[:, None, :]).masked_fill(~key_valid[:, None, :], -math.inf)
         idx = sim.argmax(dim=-1)  # first maximum: lowest index on ties
         scores[:, start : start + chunk] = sim.gather(-1, idx[..., None]).squeeze(-1)
         index[:, start : start + chunk] = idx
@@ -297,9 +300,10 @@ def regroup(
     out_host = item_hostout.gather(1, order).masked_fill(~valid, -1)
     similarity = item_sim.gather(1, order).masked_fill(~valid, math.nan)
 
-    # (B, L, d) -> (B, L', d): the gather carries gradients into every copy.
-    out = embeds.gather(1, origin.clamp(min=0)[..., None].expand(-1, -1, d))
-    if not valid.all():  # in place is safe: gather does not keep its output for backward
+    # (B, L, d) -> (B, L', d): index_select carries gradients into every copy.
+    flat = (origin.clamp(min=0) + rows * L).flatten()  # row-major positions in (B * L)
+    out = embeds.reshape(B * L, d).index_select(0, flat).view(B, -1, d)
+    if not valid.all():  # in place is safe: index_select does not keep its output for backward
         out = out.masked_fill_(~valid[..., None], 0)
     if K:
         out = torch.where(is_pause[..., None], pause_embedding.to(out.dtype), out)
