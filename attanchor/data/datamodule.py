@@ -20,6 +20,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
 
 from attanchor.data.collate import collate
 from attanchor.data.formats import (
@@ -58,17 +59,23 @@ class RecordIndex:
 
 def index_records(path: str | os.PathLike, *, format: str, image_root: str | os.PathLike,
                   renderer: Renderer | None = None, for_generation: bool = False,
-                  stop_at_first: bool = False) -> tuple[RecordIndex, list[BadRecordError], int]:
+                  stop_at_first: bool = False, progress: bool = True,
+                  ) -> tuple[RecordIndex, list[BadRecordError], int]:
     """Read and check every record of ``path``; return ``(good, bad, total)``.
 
     Checks: format and roles (``read_records``), each image path confined to ``image_root``,
     present and intact (header + PIL verify, once per path), and with a ``renderer`` a text
     render with the processor's image token counts (template mapping, ``max_length``).
-    ``stop_at_first`` raises the first bad record instead of collecting them.
+    ``stop_at_first`` raises the first bad record instead of collecting them. ``progress``
+    shows a bar on rank 0 (checking LLaVA-Instruct-150K takes about half a minute).
     """
     good, bad, total = [], [], 0
     image_sizes: dict[str, tuple[int, int] | BadRecordError] = {}
-    for item in read_records(path, format, require_answer=not for_generation, errors="yield"):
+    records = read_records(path, format, require_answer=not for_generation, errors="yield")
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))  # torchrun / Lightning
+    show = progress and int(rank) == 0
+    for item in tqdm(records, desc=f"checking {Path(path).name}", unit="rec", disable=not show,
+                     leave=False, mininterval=1.0):
         total += 1
         try:
             if isinstance(item, BadRecordError):
