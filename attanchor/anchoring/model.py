@@ -60,6 +60,9 @@ class AnchoredVLM(nn.Module):
             if n_tokens:
                 raise ValueError(f"input_ids hold {n_tokens} image tokens but pixel_values is None")
             return embeds, image_mask
+        # The processor gives fp32 pixels; a bf16/fp16 model needs them in its own dtype.
+        pixel_values = pixel_values.to(embeds.dtype) if pixel_values.is_floating_point() \
+            else pixel_values
         tower = self.model.get_image_features(pixel_values=pixel_values, return_dict=True,
                                               **image_kw)
         feats = torch.cat(list(tower.pooler_output), dim=0).to(embeds.device, embeds.dtype)

@@ -84,7 +84,8 @@ def generate_answers(anchored: AnchoredVLM, renderer: Renderer, items: Sequence[
     ``anchors`` (copies inserted into its prompt).
     """
     tok = renderer.tokenizer
-    device = next(anchored.parameters()).device
+    table = anchored.model.get_input_embeddings().weight
+    device, dtype = table.device, table.dtype
     out: list[dict[str, Any]] = []
     for chunk in tqdm(list(batches(items, batch_size)), desc="eval", disable=not progress):
         samples = [renderer(it.conversation, for_generation=True) for it in chunk]
@@ -92,7 +93,7 @@ def generate_answers(anchored: AnchoredVLM, renderer: Renderer, items: Sequence[
         pv = batch["pixel_values"]
         new = anchored.generate(
             batch["input_ids"].to(device),
-            None if pv is None else pv.to(device),
+            None if pv is None else pv.to(device, dtype),
             batch["attention_mask"].to(device),
             candidate_mask=batch["candidate_mask"].to(device),
             max_new_tokens=max_new_tokens, do_sample=False,
