@@ -82,6 +82,9 @@ def run_demo(workdir: str | Path = ".", seeds: Sequence[int] = (0, 1),
     from attanchor.data.easyvqa import prepare_easy_vqa
     from attanchor.eval.compare import compare
 
+    if not (RECIPES / "anchored.yaml").exists():
+        raise FileNotFoundError(f"the demo recipes are not at {RECIPES}: run the demo from a "
+                                "source checkout installed with `pip install -e .`")
     t0 = time.perf_counter()
     p = _paths(Path(workdir))
     log(f"[demo] preparing easy-vqa in {p['data']}")
