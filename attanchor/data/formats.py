@@ -132,12 +132,17 @@ def _as_image_list(value: Any, rid: str, key: str) -> list[str]:
     return out
 
 
-def parse_llava(rec: Any, fallback_id: str, *, require_answer: bool = True) -> Conversation:
-    """One LLaVA-format record -> validated ``Conversation``."""
+def _record_id(rec: Any, fallback_id: str) -> str:
+    """The record's own id, else ``fallback_id`` (file:line); a non-object record is bad."""
     if not isinstance(rec, dict):
         raise BadRecordError(fallback_id, f"malformed record: expected a JSON object, got "
                                           f"{type(rec).__name__}")
-    rid = str(rec["id"]) if rec.get("id") is not None else fallback_id
+    return str(rec["id"]) if rec.get("id") is not None else fallback_id
+
+
+def parse_llava(rec: Any, fallback_id: str, *, require_answer: bool = True) -> Conversation:
+    """One LLaVA-format record -> validated ``Conversation``."""
+    rid = _record_id(rec, fallback_id)
     conv = rec.get("conversations")
     if not isinstance(conv, list):
         raise BadRecordError(rid, "malformed record: missing list 'conversations' (LLaVA "
@@ -166,10 +171,7 @@ def parse_messages(rec: Any, fallback_id: str, *, require_answer: bool = True) -
     Content parts are joined with a newline; an ``{"type": "image"}`` part becomes ``<image>``,
     so ``[image, text "What?"]`` becomes ``"<image>\\nWhat?"`` (LLaVA's own layout).
     """
-    if not isinstance(rec, dict):
-        raise BadRecordError(fallback_id, f"malformed record: expected a JSON object, got "
-                                          f"{type(rec).__name__}")
-    rid = str(rec["id"]) if rec.get("id") is not None else fallback_id
+    rid = _record_id(rec, fallback_id)
     msgs = rec.get("messages")
     if not isinstance(msgs, list):
         raise BadRecordError(rid, "malformed record: missing list 'messages' (HF format: "

@@ -15,8 +15,8 @@ from attanchor.eval.calibrate import (
     similarity_histogram_png,
     threshold_for_fraction,
 )
-from attanchor.eval.compare import run_dir
 from attanchor.train.recipe import resolve_recipe
+from attanchor.train.runinfo import run_dir_for
 
 
 @torch.no_grad()
@@ -51,7 +51,10 @@ def run_calibrate(config: str, *, target_fraction: float, batches: int,
     sims = gather_similarities(recipe, batches)
     tau = threshold_for_fraction(sims, target_fraction)
     paper_tau = 0.12
-    out = Path(out_png) if out_png else run_dir(recipe, "calibrate", 0).parent / "calibrate.png"
+    run = recipe.get("run", {})
+    out = Path(out_png) if out_png else \
+        run_dir_for(run.get("root", "runs"), run.get("name", "default"), "calibrate", 0).parent \
+        / "calibrate.png"
     similarity_histogram_png(sims, out, threshold=tau, paper_tau=paper_tau)
     print(f"candidates: {sims.numel()}  best-match similarity: mean {sims.mean():.4f}, "
           f"min {sims.min():.4f}, max {sims.max():.4f}")

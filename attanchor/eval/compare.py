@@ -14,18 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from attanchor.train.runinfo import run_dir_for
+
 ARM_FILES = ("checkpoints/best.ckpt", "checkpoints/last.ckpt")
 
 
-def run_dir(recipe: dict[str, Any], strategy: str, seed: int) -> Path:
-    """The directory `attanchor fit` writes for a resolved recipe mapping, strategy and seed."""
-    run = recipe.get("run", {})
-    return Path(run.get("root", "runs")) / run.get("name", "default") / f"{strategy}-seed{seed}"
-
-
 def arm_dir(parsed: Any, strategy: str, seed: int) -> Path:
-    """The same for a recipe parsed with its overrides (``validate_recipe``)."""
-    return Path(parsed.run.root) / parsed.run.name / f"{strategy}-seed{seed}"
+    """The directory `attanchor fit` writes for a recipe parsed with its overrides
+    (``validate_recipe``), a strategy and a seed."""
+    return run_dir_for(parsed.run.root, parsed.run.name, strategy, seed)
 
 
 def loss_curve(metrics_csv: Path, key: str = "train/loss") -> list[tuple[float, float]]:

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from attanchor.data.datamodule import VLMDataModule
 from attanchor.train.module import AnchorModule
 from attanchor.train.recipe import expand_config_args
+from attanchor.train.runinfo import run_dir_for
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,8 @@ class AttanchorCLI(LightningCLI):
     def run_dir(self) -> Path:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         seed = cfg.get("seed_everything")
-        strategy = cfg["model"]["anchor"].strategy if hasattr(
-            cfg["model"]["anchor"], "strategy") else cfg["model"]["anchor"]["strategy"]
-        return Path(cfg["run"]["root"]) / cfg["run"]["name"] / f"{strategy}-seed{seed}"
+        return run_dir_for(cfg["run"]["root"], cfg["run"]["name"],
+                           cfg["model"]["anchor"]["strategy"], seed)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         from attanchor.train.strategies import build_strategy
