@@ -1,6 +1,6 @@
 """The `attanchor` command: one entry point, each subcommand owned by its package.
 
-`fit|validate|test` (LightningCLI) and `export` live in attanchor.train; `data ...` in
+`fit|validate|test` (LightningCLI), `export` and `reproduce` live in attanchor.train; `data ...` in
 attanchor.data; `eval|compare|demo|calibrate|visualize` in attanchor.eval. Imports happen
 per subcommand so `attanchor data ...` does not pay for Lightning.
 """
@@ -14,6 +14,8 @@ USAGE = """usage: attanchor <command> [args]
 
 commands:
   fit | validate | test   train / evaluate from a recipe (LightningCLI): --config recipes/X.yaml
+  reproduce               re-run a finished run from its config.yaml and compare metrics,
+                          weights and package versions with the original
   export                  write a Hugging Face model directory from a checkpoint
   data                    validate | prepare | show data sets
   eval                    anchored generation + POPE/VQA metrics on a checkpoint
@@ -28,12 +30,13 @@ run `attanchor <command> --help` for a command's options
 COMMANDS = {
     "fit": "attanchor.train.cli", "validate": "attanchor.train.cli", "test": "attanchor.train.cli",
     "export": "attanchor.train.export_cmd",
+    "reproduce": "attanchor.train.reproduce",
     "data": "attanchor.data.cli",
     "eval": "attanchor.eval.cli", "compare": "attanchor.eval.cli", "demo": "attanchor.eval.cli",
     "calibrate": "attanchor.eval.cli", "visualize": "attanchor.eval.cli",
 }
 # Commands whose module's main() takes the argv *without* the command word.
-STRIP_COMMAND = {"data", "export"}
+STRIP_COMMAND = {"data", "export", "reproduce"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,17 @@ def _version(package: str) -> str | None:
         return None
 
 
+def installed_packages() -> dict[str, str | None]:
+    """Every installed distribution -> version (``PACKAGES`` included, None when missing).
+
+    All of them, not only the stack's: `attanchor reproduce` names whichever one moved.
+    """
+    found = {dist.metadata["Name"]: dist.version for dist in metadata.distributions()
+             if dist.metadata["Name"]}
+    found.update({name: _version(name) for name in PACKAGES if name not in found})
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
 def git_state(repo_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """``{"commit": sha, "dirty": bool}`` of the git work tree holding ``repo_dir``, else None.
 
@@ -81,7 +92,9 @@ def collect_env(
 ) -> dict[str, Any]:
     """The environment of this run, as a JSON-able dict.
 
-    Keys: ``python``, ``platform``, ``packages`` (name -> version, None when not installed),
+    Keys: ``python``, ``platform``, ``packages`` (every installed distribution -> version;
+    the stack's ``PACKAGES`` always present, None when not installed), ``cwd`` (where relative
+    data paths resolve),
     ``torch`` (``cuda`` version or None, ``devices``: names of visible GPUs), ``git``
     (``git_state``), ``data_files`` (path -> ``{"sha256", "bytes"}``), ``argv``, ``created``.
     A data file that is missing or a directory raises, naming it.
@@ -103,12 +116,13 @@ def collect_env(
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": installed_packages(),
         "torch": {"cuda": torch.version.cuda, "devices": devices},
         "git": git_state(repo_dir),
         "data_files": hashes,
         "argv": list(sys.argv),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cwd": os.getcwd(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
 
