@@ -1,15 +1,20 @@
 """The regrouping engine: baseline sequence in, anchored sequence out, as one index map.
 
 Every output position copies one baseline position (its *origin*) or is a pause token or
-padding. Selection (which copies, attached after which baseline position) is separate from
-assembly (one stable sort of keys, then gathers), so a new strategy is a new selection branch
-and nothing else. Everything is batched tensor work: no Python loop over tokens or rows.
+padding. Selection (which copies, attached after which baseline position: ``select.py``) is
+separate from assembly (one stable sort of keys, then gathers, here), so a new strategy is a
+new selection branch and nothing else. Everything is batched tensor work: no Python loop over
+tokens or rows. A copy and its host always share a segment (``select.py``): no supervised
+token lies between them, so no answer sees a later turn's words or images early.
 
 Example (B=1, d=2; ``I`` image tokens, ``T`` text, one candidate ``T_b`` that best matches
 ``I_1``; strategy ``text_into_image``)::
 
     baseline  : [I_0, I_1, T_a, T_b]        origin   : [0, 1, 3, 2, 3]
     regrouped : [I_0, I_1, T_b*, T_a, T_b]  inserted : [F, F, T, F, F]
+
+Two turns (``A`` supervised): baseline ``[I_0, T_a, A, I_1, T_b]`` has segments
+``[0, 0, 0, 1, 1]``; ``T_b`` may only be copied after ``I_1`` and ``I_1`` only after ``T_b``.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from attanchor.anchoring.config import AnchorConfig
-
-IGNORE_INDEX = -100
-# Bound on the elements of one (B, queries, keys) similarity chunk: 2**26 fp32 = 256 MiB.
-MAX_SIMILARITY_ELEMENTS = 2**26
+from attanchor.anchoring.select import (  # noqa: F401  (best_match, pack_positions: public)
+    IGNORE_INDEX,
+    MAX_SIMILARITY_ELEMENTS,
+    best_match,
+    pack_positions,
+    segment_ids_from_labels,
+    select,
+    text_hosts,
+)
 
 
 @dataclass
@@ -80,90 +89,15 @@ def _position_ids(real: Tensor, side: str) -> Tensor:
     return (ar - n_left).clamp(min=0)
 
 
-def pack_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Positions of True entries per row, in order, right-padded: (B, L) -> (B, K), (B, K)."""
-    counts = mask.sum(dim=1)
-    K = int(counts.max()) if mask.numel() else 0
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :K]
-    valid = torch.arange(K, device=mask.device) < counts[:, None]
-    return order, valid
-
-
-@torch.no_grad()
-def best_match(
-    queries: Tensor, keys: Tensor, key_valid: Tensor, max_elements: int = MAX_SIMILARITY_ELEMENTS
-) -> tuple[Tensor, Tensor]:
-    """Best cosine match of each query among the valid keys of its row.
-
-    # (B, Q, d), (B, K, d) -> scores (B, Q) fp32, index (B, Q) long
-    Ties go to the lowest key index; a row with no valid key scores -inf. The (B, Q, K)
-    similarity is computed in chunks of queries so it never exceeds ``max_elements``.
-    """
-    B, Q, _ = queries.shape
-    K = keys.shape[1]
-    scores = torch.full((B, Q), -math.inf, device=queries.device)
-    index = torch.zeros((B, Q), dtype=torch.long, device=queries.device)
-    if Q == 0 or K == 0:
-        return scores, index
-    q = F.normalize(queries.float(), dim=-1)
-    k = keys.float()
-    # Scale the (B, q, K) products by 1/|k| instead of normalising the (B, K, d) keys: the
-    # keys are usually the whole sequence, the products a few candidates wide.
-    k_inv = 1.0 / torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12)  # (B, K)
-    chunk = max(1, max_elements // max(1, B * K))
-    for start in range(0, Q, chunk):  # loop over chunks only, usually a single pass
-        sim = torch.bmm(q[:, start : start + chunk], k.transpose(1, 2))  # (B, q, K)
-        sim = (sim * k_inv[:, None, :]).masked_fill(~key_valid[:, None, :], -math.inf)
-        idx = sim.argmax(dim=-1)  # first maximum: lowest index on ties
-        scores[:, start : start + chunk] = sim.gather(-1, idx[..., None]).squeeze(-1)
-        index[:, start : start + chunk] = idx
-    return scores, index
-
-
-def _rank_desc(scores: Tensor) -> Tensor:
-    """Rank of each entry in its row by descending score; ties: lower position first."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return ranks
-
-
-def select(scores: Tensor, valid: Tensor, config: AnchorConfig) -> Tensor:
-    """Which scored items become copies: (B, Q) scores, valid -> (B, Q) bool.
-
-    ``threshold``: s >= tau. ``top_fraction``: the ceil(rho * n_valid) best of the row.
-    ``max_anchors``: then the highest scores up to the cap. Ties: lower position first.
-    """
-    eligible = valid & torch.isfinite(scores)
-    masked = scores.masked_fill(~eligible, -math.inf)
-    if config.threshold is not None:
-        keep = eligible & (scores >= config.threshold)
-    else:
-        # The epsilon keeps float noise from rounding up: ceil(0.1 * 30) is 3, not 4.
-        k = torch.ceil(valid.sum(dim=1, dtype=torch.float64) * config.top_fraction - 1e-9)
-        keep = eligible & (_rank_desc(masked) < k[:, None])
-    if config.max_anchors is not None:
-        keep &= _rank_desc(masked.masked_fill(~keep, -math.inf)) < config.max_anchors
-    return keep
-
-
-def _gather_or_zeros(positions: Tensor, index: Tensor) -> Tensor:
-    """positions.gather(1, index), or zeros when no row has any position (width 0); the
-    selection then keeps nothing, so the placeholder host is never used."""
-    if positions.shape[1] == 0:
-        return torch.zeros_like(index)
-    return positions.gather(1, index)
-
-
 def _check(
     embeds: Tensor, attention_mask: Tensor, image_mask: Tensor, candidate_mask: Tensor,
-    labels: Tensor | None,
+    labels: Tensor | None, segment_ids: Tensor | None, sample_index: Tensor | None,
 ) -> None:
     if embeds.dim() != 3:
         raise ValueError(f"regroup: embeds must be (B, L, d), got shape {tuple(embeds.shape)}")
     B, L = embeds.shape[:2]
     named = {"attention_mask": attention_mask, "image_mask": image_mask,
-             "candidate_mask": candidate_mask, "labels": labels}
+             "candidate_mask": candidate_mask, "labels": labels, "segment_ids": segment_ids}
     for name, t in named.items():
         if t is not None and tuple(t.shape) != (B, L):
             raise ValueError(f"regroup: {name} has shape {tuple(t.shape)}; expected ({B}, {L})")
@@ -178,6 +112,14 @@ def _check(
             "regroup: a candidate carries a label; copying it would leak the answer into the "
             "image span. Build candidate masks from user-turn content only."
         )
+    if sample_index is not None and tuple(sample_index.shape) != (B,):
+        raise ValueError(f"regroup: sample_index has shape {tuple(sample_index.shape)}; "
+                         f"expected ({B},), one stable id per row (collate's 'sample_index')")
+    if segment_ids is not None:
+        both = real[:, 1:] & real[:, :-1]
+        if ((segment_ids[:, 1:] < segment_ids[:, :-1]) & both).any():
+            raise ValueError("regroup: segment_ids decrease along a row; segments are runs "
+                             "numbered in order (0, 0, 1, 1, 2, ...)")
 
 
 def regroup(
@@ -188,8 +130,10 @@ def regroup(
     labels: Tensor | None,
     config: AnchorConfig,
     pause_embedding: Tensor | None = None,
-    generator: torch.Generator | None = None,
     *,
+    sample_index: Tensor | None = None,
+    epoch: int = 0,
+    segment_ids: Tensor | None = None,
     side: str | None = None,
     max_similarity_elements: int = MAX_SIMILARITY_ELEMENTS,
 ) -> Regrouped:
@@ -199,12 +143,17 @@ def regroup(
     Invariants: the baseline's real tokens keep their order; inserted positions carry label
     -100 and attention 1; the padding side is kept; position ids run 0..n'-1 over real tokens
     (right pads continue the count, left pads are 0); ``none`` is the identity map.
-    ``generator`` (CPU) drives the ``random`` control; default: seeded with ``config.seed``.
+    A copy is only hosted within its own segment: ``segment_ids`` (B, L), non-decreasing along
+    a row; default ``segment_ids_from_labels(labels, attention_mask)`` (+1 after each answer).
+    The ``random`` control draws each placement from (``config.seed``, ``sample_index[b]``,
+    ``epoch``, the candidate's offset in its sample) (``select.text_hosts``); ``sample_index``
+    (B,) int64 defaults to the row index, which makes placements depend on the batch.
     ``side``: the padding side of the output; None reads it from ``attention_mask`` (a batch
     without padding counts as right-padded). Generation passes "left", so rows that gain
     different numbers of copies are padded on the left even when the input had no padding.
     """
-    _check(embeds, attention_mask, image_mask, candidate_mask, labels)
+    _check(embeds, attention_mask, image_mask, candidate_mask, labels, segment_ids,
+           sample_index)
     B, L, d = embeds.shape
     dev = embeds.device
     real = attention_mask.bool()
@@ -232,6 +181,8 @@ def regroup(
 
     img_pos, img_valid = pack_positions(image_mask.bool())  # (B, M)
     cand_pos, cand_valid = pack_positions(candidate_mask.bool())  # (B, N)
+    seg = segment_ids_from_labels(labels, attention_mask) if segment_ids is None \
+        else segment_ids.long()
 
     rows = torch.arange(B, device=dev)[:, None]
     # Keys are the whole sequence with a mask, so the argmax is already a baseline position
@@ -239,26 +190,21 @@ def regroup(
     keys = embeds.detach()
     if config.strategy == "image_into_text":
         scores, host = best_match(keys[rows, img_pos], keys, candidate_mask.bool(),
-                                  max_similarity_elements)
+                                  max_similarity_elements, query_segments=seg.gather(1, img_pos),
+                                  key_segments=seg)
         keep = select(scores, img_valid, config)
         src = img_pos
     else:
         scores, best = best_match(keys[rows, cand_pos], keys, image_mask.bool(),
-                                  max_similarity_elements)
+                                  max_similarity_elements, query_segments=seg.gather(1, cand_pos),
+                                  key_segments=seg)
         keep = select(scores, cand_valid, config)
         src = cand_pos
-        if config.strategy == "text_into_image":
-            host = best
-        elif config.strategy == "append":
-            last_img = torch.where(image_mask.bool(), torch.arange(L, device=dev), -1).amax(dim=1)
-            host = last_img[:, None].expand_as(src)
-        else:  # random: same copies, uniformly random image token of the row
-            if generator is None:
-                generator = torch.Generator().manual_seed(config.seed)
-            u = torch.rand(src.shape, generator=generator).to(dev)
-            n_img = img_valid.sum(dim=1, keepdim=True)
-            slot = (u * n_img).floor().long().clamp(max=(n_img - 1).clamp(min=0))
-            host = _gather_or_zeros(img_pos, slot)
+        if sample_index is None:
+            sample_index = torch.arange(B, device=dev)
+        first_real = torch.where(real, torch.arange(L, device=dev), L).amin(dim=1)  # (B,)
+        host = text_hosts(config.strategy, best, src, seg, image_mask.bool(), first_real,
+                          sample_index.to(dev), config.seed, epoch)
 
     # Items: originals, copies, pause tokens. Each gets a sort key (host, sub-order).
     K = config.pause_tokens

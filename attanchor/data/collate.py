@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,13 +13,23 @@ from attanchor.data.render import IGNORE_INDEX, RenderedSample
 PADDING_SIDES = ("right", "left")
 
 
+def sample_index(record_id: str) -> int:
+    """A sample's stable index: the first 8 bytes of blake2b(record id), as an int in
+    [0, 2**63). The same on every rank, run, split and file order (Python's ``hash`` is salted
+    per process, a dataset position changes with the split); it seeds the random control's
+    per-sample placements. ``sample_index("q1") == 3765133564748579315``."""
+    digest = hashlib.blake2b(record_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def collate(samples: Sequence[RenderedSample], pad_token_id: int,
             padding_side: str = "right") -> dict[str, Any]:
     """Pad ``samples`` to the longest one and stack their images.
 
     Returns ``input_ids (B, L) long``, ``attention_mask (B, L) long``, ``labels (B, L) long``,
     ``candidate_mask (B, L) bool``, ``pixel_values (N_images, 3, H, W) float`` (every sample's
-    images in sample order; None when no sample has an image) and ``ids`` (list of B str).
+    images in sample order; None when no sample has an image), ``ids`` (list of B str) and
+    ``sample_index (B,) long`` (``sample_index(id)``: stable per record, whatever the batch).
 
     Invariants: a row's real tokens keep their order and sit at the end of the row with
     ``padding_side="left"`` (generation) or at the start with ``"right"`` (training); padding
@@ -66,4 +77,5 @@ def collate(samples: Sequence[RenderedSample], pad_token_id: int,
         pixel_values = torch.cat(images)  # (N_images, 3, H, W)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "candidate_mask": candidate_mask, "pixel_values": pixel_values,
-            "ids": [s.id for s in samples]}
+            "ids": [s.id for s in samples],
+            "sample_index": torch.tensor([sample_index(s.id) for s in samples], dtype=torch.long)}

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from attanchor.anchoring import AnchorConfig, regroup
+from tests.anchoring.hashref import ref_hash, ref_slot
 
 P = -100
 N = float("nan")
@@ -201,23 +202,27 @@ APPEND = {  # the threshold case's copies, in text order, after the row's last i
              [N, N, N, N, R2, 0.6, R2, N, N, N, N]),
     "lengths": [11, 10],
 }
-# random, seed 0: u = torch.rand((2, 3), generator=Generator().manual_seed(0)) gives
-# floor(3u) = [[1, 2, 0], [0, 0, 1]] (asserted below): row 0 Ta -> I2, Tb -> I3 (Tc is not
-# selected); row 1 Tx -> I1, Ty -> I1, Tz -> I2. similarity = the s_n that selected the copy.
+# random, seed 0, epoch 0, sample ids 0 and 1 (the default: row index): the documented draw
+# (select.placement_hash, re-implemented in plain Python by ref_slot below) picks image slot
+# floor(h * 3 / 2**32) for candidate offsets 4, 5, 6 (row 0) and 3, 4, 5 (row 1, on both
+# padding sides: offsets count from the row's first real token): [[2, 1, 1], [2, 0, 2]]
+# (asserted below). Row 0: Ta -> I3, Tb -> I2 (Tc is not selected); row 1: Tx -> I3,
+# Ty -> I1, Tz -> I3. similarity = the s_n that selected the copy.
+# (Changed in issue 9: the draw was torch.rand on one (B, C) block of a shared generator, so a
+# sample's placement depended on its batch-mates; it is now per sample.)
 RANDOM_SEED0 = {
     "num_anchors": [2, 3],
-    "row0": ([0, 1, 2, 4, 3, 5, 4, 5, 6, 7, 8], [F, F, F, T, F, T, F, F, F, F, F],
+    "row0": ([0, 1, 2, 5, 3, 4, 4, 5, 6, 7, 8], [F, F, F, T, F, T, F, F, F, F, F],
              [-1, -1, -1, 2, -1, 3, -1, -1, -1, -1, -1], [P] * 9 + [7, 8],
-             [N, N, N, 0.6, N, 0.8, N, N, N, N, N]),
-    "right": ([0, 3, 4, 1, 5, 2, 3, 4, 5, 6, -1], [F, T, T, F, T, F, F, F, F, F, F],
-              [-1, 0, 0, -1, 1, -1, -1, -1, -1, -1, -1], [P] * 9 + [9, P],
-              [N, R2, 0.6, N, R2, N, N, N, N, N, N]),
-    "left": ([-1, 2, 5, 6, 3, 7, 4, 5, 6, 7, 8], [F, F, T, T, F, T, F, F, F, F, F],
-             [-1, -1, 2, 2, -1, 3, -1, -1, -1, -1, -1], [P] * 10 + [9],
-             [N, N, R2, 0.6, N, R2, N, N, N, N, N]),
+             [N, N, N, 0.8, N, 0.6, N, N, N, N, N]),
+    "right": ([0, 4, 1, 2, 3, 5, 3, 4, 5, 6, -1], [F, T, F, F, T, T, F, F, F, F, F],
+              [-1, 0, -1, -1, 2, 2, -1, -1, -1, -1, -1], [P] * 9 + [9, P],
+              [N, 0.6, N, N, R2, R2, N, N, N, N, N]),
+    "left": ([-1, 2, 6, 3, 4, 5, 7, 5, 6, 7, 8], [F, F, T, F, F, T, T, F, F, F, F],
+             [-1, -1, 2, -1, -1, 4, 4, -1, -1, -1, -1], [P] * 10 + [9],
+             [N, N, 0.6, N, N, R2, R2, N, N, N, N]),
     "lengths": [11, 10],
 }
-
 
 def _expected(case: dict, side: str) -> dict:
     rows = [case["row0"], case[side]]
@@ -246,19 +251,26 @@ def test_text_strategies_golden(name, side):
 
 
 def test_random_draws_assumed_by_the_golden_case():
-    u = torch.rand((2, 3), generator=torch.Generator().manual_seed(0))
-    assert (u * 3).floor().long().tolist() == [[1, 2, 0], [0, 0, 1]]
+    assert [[ref_slot(0, sid, 0, off, 3) for off in offs]
+            for sid, offs in ((0, (4, 5, 6)), (1, (3, 4, 5)))] == [[2, 1, 1], [2, 0, 2]]
+
+
+def test_reference_hash_is_the_implementation():
+    from attanchor.anchoring.select import placement_hash
+
+    samples = [0, 1, -5, 2**40 + 3, 2**62]
+    got = placement_hash(7, torch.tensor(samples), 3, torch.tensor([[0, 4, 9]] * 5))
+    assert got.tolist() == [[ref_hash(7, s, 3, o) for o in (0, 4, 9)] for s in samples]
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("explicit", [True, False])
 def test_random_golden_seed0(side, explicit):
-    # Assumes the documented draw: host index floor(u * M_row), u = torch.rand((B, C), g),
-    # C = max candidates per row, slots in the text order of the row's candidates.
+    # Assumes the documented draw (ref_slot): per sample, per candidate offset.
     embeds, attn, img, cand, labels = make_batch(side)
     cfg = AnchorConfig(strategy="random", threshold=0.5, seed=0)
-    gen = torch.Generator().manual_seed(0) if explicit else None  # default: seed 0 of config
-    out = regroup(embeds, attn, img, cand, labels, cfg, generator=gen)
+    sample_index = torch.tensor([0, 1]) if explicit else None  # default: the row index
+    out = regroup(embeds, attn, img, cand, labels, cfg, sample_index=sample_index)
     assert out.num_anchors.tolist() == RANDOM_SEED0["num_anchors"]
     check(out, _expected(RANDOM_SEED0, side), embeds, labels)
 
@@ -267,14 +279,9 @@ def test_random_golden_seed0(side, explicit):
 def test_random_without_draw_assumption(side):
     embeds, attn, img, cand, labels = make_batch(side)
     cfg = AnchorConfig(strategy="random", threshold=0.5, seed=3)
-    outs = [regroup(embeds, attn, img, cand, labels, cfg,
-                    generator=torch.Generator().manual_seed(s)) for s in range(40)]
-    again = regroup(embeds, attn, img, cand, labels, cfg, generator=torch.Generator().manual_seed(7))
-    default = regroup(embeds, attn, img, cand, labels, cfg)
-    default_again = regroup(embeds, attn, img, cand, labels, cfg)
+    outs = [regroup(embeds, attn, img, cand, labels, cfg, epoch=e) for e in range(40)]
+    again = regroup(embeds, attn, img, cand, labels, cfg, epoch=7)
     assert torch.equal(again.origin, outs[7].origin) and torch.equal(again.host, outs[7].host)
-    assert torch.equal(default.origin, outs[3].origin)  # default generator: manual_seed(seed)
-    assert torch.equal(default.origin, default_again.origin)
     assert len({tuple(o.origin.flatten().tolist()) for o in outs}) > 1
     images = [set(torch.nonzero(img[b]).flatten().tolist()) for b in range(2)]
     used = [set(), set()]
@@ -296,7 +303,7 @@ def test_random_without_draw_assumption(side):
                         k -= 1
                     assert not ins[k] and o[k] == hh and hh in images[b]
                     used[b].add(hh)
-    assert used == images  # every image token receives copies under some seed
+    assert used == images  # every image token receives copies in some epoch
 
 
 # ---------------------------------------------------------------- image_into_text (+ pause)

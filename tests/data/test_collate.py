@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attanchor.data.collate import collate
+from attanchor.data.collate import collate, sample_index
 from attanchor.data.render import RenderedSample
 
 
@@ -71,3 +71,20 @@ def test_mixed_image_sizes_and_ragged_sample_raise():
     bad.labels = bad.labels[:1]
     with pytest.raises(ValueError, match="sample c: .* lengths differ"):
         collate([bad], pad_token_id=0)
+
+
+def test_sample_index_is_a_stable_hash_of_the_record_id():
+    # blake2b(id, digest_size=8), little-endian, >> 1: pinned so a change of rule is seen.
+    import hashlib
+
+    assert sample_index("s1") == 3032292063650762948
+    want = int.from_bytes(hashlib.blake2b(b"s2", digest_size=8).digest(), "little") >> 1
+    assert sample_index("s2") == want == 2117297447273999314
+    one = collate([sample("s1", [5, 6]), sample("s2", [9])], pad_token_id=0)
+    other = collate([sample("x", [1, 2, 3]), sample("s2", [9]), sample("s1", [5, 6])],
+                    pad_token_id=0, padding_side="left")
+    assert one["sample_index"].dtype == torch.long and one["sample_index"].shape == (2,)
+    # the same record, the same index, whatever its batch, row or padding
+    assert one["sample_index"].tolist() == [3032292063650762948, 2117297447273999314]
+    assert other["sample_index"].tolist()[1:] == one["sample_index"].tolist()[::-1]
+    assert 0 <= sample_index("") < 2**63
