@@ -21,6 +21,12 @@ How it launches:
   one node, > 1 process torchrun --standalone.
   one process           python directly.
 
+The global batch: a recipe states the batch per optimizer step over all processes
+(data.global_batch_size, the paper's figure); `attanchor fit` derives gradient accumulation =
+global / (NNODES x processes per node x data.batch_size) and records it in the run
+directory's run.json. A topology whose product does not divide the global batch stops with
+an error naming the numbers: pass a smaller --data.batch_size (per device).
+
 Environment variables:
   GPUS_PER_NODE    processes (GPUs) per node; default: the visible GPUs (CUDA_VISIBLE_DEVICES,
                    else nvidia-smi -L), 0 means CPU.
@@ -35,7 +41,12 @@ Environment variables:
 Examples:
   ./launch.sh recipes/demo/anchored.yaml
   NPROC_PER_NODE=2 ./launch.sh recipes/demo/anchored.yaml --trainer.strategy ddp
-  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 ./launch.sh recipes/llava-1.5-7b/lora-anchored.yaml
+  ./launch.sh recipes/llava-1.5-7b/zero3-lora-anchored.yaml        # 8 GPUs: 8 x 4 x 1 = 32
+  # 2 nodes x 8 GPUs, on each node (NODE_RANK 0 and 1): 16 x 2 x 1 = 32
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 ./launch.sh \
+    recipes/llava-1.5-7b/zero3-lora-anchored.yaml --data.batch_size 2
+  sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 --wrap \
+    "./launch.sh recipes/llava-1.5-7b/zero3-lora-anchored.yaml --data.batch_size 2"
 EOF
 }
 

@@ -30,15 +30,15 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
+
+from attanchor.train.sharding import outside_zero_init, zero3_from_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STAGES = ("pretrain", "finetune")
@@ -54,28 +54,6 @@ QLORA_SKIP_MODULES = ("model.vision_tower", "model.multi_modal_projector", "lm_h
 DEFAULT_LORA_TARGETS = (
     r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
-
-
-@contextlib.contextmanager
-def outside_zero_init() -> Iterator[None]:
-    """Suspend an active ``deepspeed.zero.Init`` for the duration of the block.
-
-    Lightning calls ``configure_model`` inside ``deepspeed.zero.Init`` under ZeRO-3. There
-    ``from_pretrained`` crashes (its weight init indexes empty placeholders) and peft's LoRA
-    init would write into placeholders (``lora_B`` would not start at zero). Building the model
-    outside the context gives a normal model in host memory that ``deepspeed.initialize`` then
-    partitions: every rank holds the full model once while loading (fine for LoRA on models
-    that fit in host memory). No-op when DeepSpeed is not imported or no context is active.
-    """
-    pp = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    if pp is None or getattr(pp, "top_level_context", None) is None:
-        yield
-        return
-    pp.shutdown_init_context()
-    try:
-        yield
-    finally:
-        pp.restore_init_context()
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
@@ -104,6 +82,8 @@ def load_model(
     quantization: str | None = None,
     gradient_checkpointing: bool = False,
     device_map: str | dict | None = None,
+    zero3_config: dict | None = None,
+    empty: bool = False,
 ) -> LlavaForConditionalGeneration:
     """Load a LLaVA model from a directory or hub id.
 
@@ -119,6 +99,14 @@ def load_model(
         gradient_checkpointing: recompute activations in backward (non-reentrant).
         device_map: passed to ``from_pretrained``. For ``nf4`` on a CUDA machine the default is
             this process's GPU (``LOCAL_RANK``), because bitsandbytes quantizes on the device.
+        zero3_config: the strategy's DeepSpeed config under ZeRO-3 (a distributed process
+            group must exist): the model is partitioned while it loads, so no rank ever holds
+            the whole model (``sharding.zero3_from_pretrained``: one module at a time, rank 0
+            reading the checkpoint's tensors). Not with ``nf4``.
+        empty: build the architecture on the meta device and read no weight: the ranks other
+            than zero of an FSDP run, whose weights FSDP materialises unit by unit and then
+            broadcasts from rank zero (``sync_module_states``, set by ``build_strategy``), so
+            only rank zero ever holds the whole checkpoint in host memory.
 
     Returns:
         The model in train mode. With ``nf4`` every ``bnb.nn.Linear4bit`` has
@@ -155,8 +143,26 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
 
-    with outside_zero_init():
-        model = LlavaForConditionalGeneration.from_pretrained(model_path, **kwargs)
+    if empty:
+        if quantization is not None or device_map is not None or zero3_config is not None:
+            raise ValueError("empty=True (FSDP's meta-device ranks) with quantization, a "
+                             "device_map or ZeRO-3: FSDP shards plain weights only")
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration._from_config(
+                config, dtype=torch_dtype, attn_implementation=attn_implementation)
+    elif zero3_config is not None:
+        if quantization is not None or device_map is not None:
+            raise ValueError("zero3_config with quantization or a device_map: QLoRA does not "
+                             "shard under ZeRO-3; use deepspeed_stage_2 or ddp for QLoRA")
+        model = zero3_from_pretrained(
+            LlavaForConditionalGeneration, model_path, zero3_config, dtype=torch_dtype,
+            attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    else:
+        with outside_zero_init():
+            model = LlavaForConditionalGeneration.from_pretrained(model_path, **kwargs)
 
     if quantization is not None:
         import bitsandbytes as bnb
@@ -339,7 +345,9 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight``;
     ``model.load_state_dict(sd, strict=False)`` restores them.
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    from attanchor.train.sharding import clean_param_name
+
+    named = [(clean_param_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     partitioned = [p for _, p in named if hasattr(p, "ds_id")]
     if partitioned:
         import deepspeed

@@ -16,15 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from attanchor.data.datamodule import VLMDataModule
 from attanchor.train.module import AnchorModule
 from attanchor.train.recipe import expand_config_args
-from attanchor.train.runinfo import run_dir_for
+from attanchor.train.runinfo import BatchPlan, plan_batch, run_dir_for
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,8 @@ def keep_previous_logs(run_dir: Path, resuming: bool) -> None:
 
     Resuming: it becomes ``metrics.partK.csv``, read back as the start of the curve
     (``attanchor.eval.compare.loss_curve``). A fresh run over an old one: it becomes
-    ``metrics.replaced-K.csv``, kept but no longer part of the curve.
+    ``metrics.replaced-K.csv``, kept but no longer part of the curve. Call it on one process
+    only (``RotatingCSVLogger`` does, on global rank zero, behind a barrier).
     """
     current = run_dir / "metrics.csv"
     if not current.exists():
@@ -63,6 +69,62 @@ def keep_previous_logs(run_dir: Path, resuming: bool) -> None:
     while (run_dir / f"{stem}{k}.csv").exists():
         k += 1
     current.rename(run_dir / f"{stem}{k}.csv")
+
+
+class RotatingCSVLogger(CSVLogger):
+    """A CSVLogger that first moves an earlier ``metrics.csv`` aside (``keep_previous_logs``).
+
+    The rotation runs once, when the experiment is first created (Lightning does that on every
+    rank, after the process group exists, before its "pre_setup" barrier): global rank zero
+    renames, then every rank waits at a barrier, so no rank of a resumed torchrun can race
+    another to rename the file or see it half-moved.
+    """
+
+    def __init__(self, run_dir: Path, resuming: bool) -> None:
+        super().__init__(save_dir=str(run_dir), name="", version="")
+        self._run_dir, self._resuming, self._rotated = Path(run_dir), resuming, False
+
+    @property
+    def experiment(self) -> Any:
+        if not self._rotated:
+            self._rotated = True
+            if rank_zero_only.rank == 0:
+                keep_previous_logs(self._run_dir, self._resuming)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+        return super().experiment
+
+
+class BatchPlanCallback(Callback):
+    """Puts the run's batch (``runinfo.BatchPlan``) into the loggers' hyper-parameters (the
+    CSV logger's hparams.yaml, the W&B config) and the console, once the loggers exist."""
+
+    def __init__(self, plan: BatchPlan) -> None:
+        self.plan = plan
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        p = self.plan
+        rank_zero_info(
+            f"attanchor: global batch {p.global_batch_size} = {p.world_size} processes x "
+            f"{p.per_device_batch_size} per device x {p.accumulate_grad_batches} accumulation")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({f"batch/{k}": v for k, v in p.to_dict().items()})
+
+
+def recipe_strategy(name: str, settings: Any, accelerator: str = "auto") -> Any:
+    """The strategy object ``attanchor fit`` runs a recipe's ``trainer.strategy`` with, given
+    the module's ``ModelSettings`` (what trains decides the checkpoint and DDP options)."""
+    from attanchor.train.strategies import build_strategy
+
+    opts: dict[str, Any] = {}
+    if name.startswith("deepspeed") and settings.mode != "full":
+        opts["exclude_frozen_parameters"] = True  # LoRA: checkpoint trainables only
+    if name == "ddp" and not settings.freeze_vision_tower:
+        # LLaVA's vision_feature_layer=-2 leaves the tower's last layer unused.
+        opts["find_unused_parameters"] = True
+    return build_strategy(name, accelerator=accelerator, **opts)
 
 
 class _Parsed(Exception):
@@ -100,8 +162,6 @@ class AttanchorCLI(LightningCLI):
                            cfg["model"]["anchor"]["strategy"], seed)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
-        from attanchor.train.strategies import build_strategy
-
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         run: RunSettings = cfg["run"]
         trainer_cfg = cfg.get("trainer", {})
@@ -109,19 +169,12 @@ class AttanchorCLI(LightningCLI):
         kwargs.setdefault("default_root_dir", str(run_dir))
         strategy = trainer_cfg.get("strategy", "auto")
         if isinstance(strategy, str):
-            settings = self.model.settings
-            opts: dict[str, Any] = {}
-            if strategy.startswith("deepspeed") and settings.mode != "full":
-                opts["exclude_frozen_parameters"] = True  # LoRA: checkpoint trainables only
-            if strategy == "ddp" and not settings.freeze_vision_tower:
-                # LLaVA's vision_feature_layer=-2 leaves the tower's last layer unused.
-                opts["find_unused_parameters"] = True
-            kwargs["strategy"] = build_strategy(
-                strategy, accelerator=trainer_cfg.get("accelerator", "auto"), **opts)
+            kwargs["strategy"] = recipe_strategy(
+                strategy, self.model.settings, trainer_cfg.get("accelerator", "auto"))
         if trainer_cfg.get("logger") in (None, True):
-            keep_previous_logs(run_dir, resuming=bool(cfg.get("ckpt_path")))
-            kwargs["logger"] = self._loggers(run, run_dir)
-        has_val = bool(self.datamodule.files.get("val"))
+            kwargs["logger"] = self._loggers(run, run_dir, resuming=bool(cfg.get("ckpt_path")))
+        has_val = bool(self.datamodule.files.get("val")) or bool(
+            getattr(self.datamodule, "val_fraction", None))
         monitor = "val/loss" if has_val else None
         callbacks = [
             ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best",
@@ -135,10 +188,26 @@ class AttanchorCLI(LightningCLI):
                                            patience=run.early_stopping_patience))
         user = trainer_cfg.get("callbacks") or []
         kwargs["callbacks"] = (list(user) if isinstance(user, list | tuple) else [user]) + callbacks
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        self.batch_plan = self._plan_batch(trainer)
+        trainer.accumulate_grad_batches = self.batch_plan.accumulate_grad_batches
+        trainer.callbacks.append(BatchPlanCallback(self.batch_plan))
+        return trainer
 
-    def _loggers(self, run: RunSettings, run_dir: Path) -> list[Any]:
-        loggers: list[Any] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+    def _plan_batch(self, trainer: Any) -> BatchPlan:
+        """``data.global_batch_size`` -> accumulation for this trainer's world size (fit only;
+        validate/test record the batch they run with). Raises when it does not divide."""
+        dm = self.datamodule
+        global_batch = getattr(dm, "global_batch_size", None)
+        if self.subcommand not in (None, "fit"):
+            global_batch = None
+        return plan_batch(world_size=int(trainer.world_size),
+                          per_device_batch_size=int(dm.batch_size),
+                          global_batch_size=global_batch,
+                          accumulate_grad_batches=int(trainer.accumulate_grad_batches))
+
+    def _loggers(self, run: RunSettings, run_dir: Path, resuming: bool) -> list[Any]:
+        loggers: list[Any] = [RotatingCSVLogger(run_dir, resuming)]
         if not run.wandb:
             return loggers
         try:
@@ -168,7 +237,7 @@ class AttanchorCLI(LightningCLI):
         if self.subcommand:
             resolved = resolved[self.subcommand]
         files = sorted({f for f in self.datamodule.files.values() if f})
-        write_run_info(self.run_dir(), resolved, files)
+        write_run_info(self.run_dir(), resolved, files, batch=getattr(self, "batch_plan", None))
         rank_zero_info(f"attanchor: run directory {self.run_dir()}")
 
     def before_fit(self) -> None:

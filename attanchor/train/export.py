@@ -12,7 +12,9 @@ template) so evaluation harnesses open them as they are:
 - ``full`` (a full fine-tune, no adapters): the whole model; ``merge`` has nothing to merge.
 
 ``anchor_config.json`` holds ``AnchorConfig.to_dict()`` so inference regroups the way training
-did; a baseline run exports ``{"strategy": "none", ...}``.
+did; a baseline run exports ``{"strategy": "none", ...}``. ``render_config.json`` holds the
+``RenderSettings`` the run trained with (chat template, candidate scope, data format), so
+evaluation renders prompts as training did.
 
 Example::
 
@@ -28,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,54 @@ from attanchor.anchoring import AnchorConfig
 
 ANCHOR_CONFIG_FILE = "anchor_config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+RENDER_CONFIG_FILE = "render_config.json"
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How a run rendered its prompts: ``template`` (None: the model's own chat template, or a
+    name of ``attanchor.data.templates.NAMED_TEMPLATES``), candidate ``scope`` and data
+    ``format``. Validated on construction; ``VLMDataModule.state_dict()`` is its dict form."""
+
+    template: str | None = None
+    scope: str = "image_turn"
+    format: str = "llava"
+
+    def __post_init__(self) -> None:
+        from attanchor.data.formats import FORMATS
+        from attanchor.data.render import SCOPES
+        from attanchor.data.templates import NAMED_TEMPLATES
+
+        if self.template is not None and self.template not in NAMED_TEMPLATES:
+            raise ValueError(f"render template={self.template!r}: allowed are None or "
+                             f"{sorted(NAMED_TEMPLATES)}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"render scope={self.scope!r}: allowed are {SCOPES}")
+        if self.format not in FORMATS:
+            raise ValueError(f"render format={self.format!r}: allowed are {FORMATS}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RenderSettings:
+        unknown = set(d) - {"template", "scope", "format"}
+        if unknown:
+            raise ValueError(f"render settings: unknown keys {sorted(unknown)}; expected "
+                             "template, scope, format")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_render_config(path: str | os.PathLike) -> RenderSettings | None:
+    """The ``render_config.json`` of an export directory; None when it has none (exports
+    written before it existed)."""
+    file = Path(path) / RENDER_CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        return RenderSettings.from_dict(json.loads(file.read_text()))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{file}: {e}") from None
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -160,6 +211,7 @@ def export_model(
     processor: Any,
     dtype: str | None = None,
     overwrite: bool = False,
+    render: RenderSettings | dict | None = None,
 ) -> Path:
     """Write ``model`` as a Hugging Face directory (see module doc for the layouts).
 
@@ -173,6 +225,9 @@ def export_model(
             template): ``AutoProcessor.from_pretrained(model_path)``.
         dtype: cast merged/full weights before saving (``bfloat16`` halves a float32 export).
         overwrite: replace an existing ``out_dir``.
+        render: the run's ``RenderSettings`` (or their dict), written to
+            ``render_config.json``; None writes none (evaluation then uses the model's own
+            template and the anchor config's scope).
 
     Returns:
         ``Path(out_dir)``.
@@ -188,6 +243,8 @@ def export_model(
         raise ValueError(f"dtype={dtype!r}: allowed are {tuple(DTYPES)} or None")
     inner, wrapper_anchor = _unwrap(model)
     anchor = _anchor_dict(anchor_config if anchor_config is not None else wrapper_anchor)
+    if isinstance(render, dict):
+        render = RenderSettings.from_dict(render)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists: choose another --out or pass overwrite=True")
@@ -210,6 +267,8 @@ def export_model(
         processor.save_pretrained(tmp)
         if anchor is not None:
             (tmp / ANCHOR_CONFIG_FILE).write_text(json.dumps(anchor, indent=2, sort_keys=True))
+        if render is not None:
+            (tmp / RENDER_CONFIG_FILE).write_text(json.dumps(render.to_dict(), indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -219,10 +278,25 @@ def export_model(
     return out_dir
 
 
+def saved_dtype(model: str | os.PathLike) -> str:
+    """The weights' dtype a saved HF model (a directory or a hub id) records in its config
+    (``dtype``, ``torch_dtype`` in older files); ``float32`` when it records none."""
+    from transformers import AutoConfig
+
+    from attanchor.train.build import DTYPES
+
+    recorded = getattr(AutoConfig.from_pretrained(str(model)), "dtype", None)
+    name = str(recorded).removeprefix("torch.") if recorded is not None else "float32"
+    if name not in DTYPES:
+        raise ValueError(f"{model}: its config records dtype {name!r}, not one of "
+                         f"{tuple(DTYPES)}; pass dtype= explicitly")
+    return name
+
+
 def load_exported(
     path: str | os.PathLike,
     *,
-    dtype: str = "float32",
+    dtype: str = "auto",
     attn_implementation: str = "eager",
     quantization: str | None = None,
     base_model_path: str | None = None,
@@ -232,8 +306,9 @@ def load_exported(
     A merged / full export loads as ``LlavaForConditionalGeneration``; an adapter export loads
     its base (``base_model_path``, default the adapter's ``base_model_name_or_path``; pass
     ``quantization="nf4"`` to rebuild a QLoRA run's 4-bit base) and puts the adapter on it as a
-    ``peft.PeftModel``. The anchor config is validated (``AnchorConfig.from_dict``); None when
-    the export has none.
+    ``peft.PeftModel``. ``dtype="auto"`` keeps the dtype the weights were saved in (the
+    export's, or for an adapter its base's: a bf16 export loads as bf16). The anchor config is
+    validated (``AnchorConfig.from_dict``); None when the export has none.
     """
     from transformers import AutoProcessor
 
@@ -251,12 +326,16 @@ def load_exported(
                 "base_model_name_or_path")
         if not base_model_path:
             raise ValueError(f"{path}: the adapter names no base model: pass base_model_path=")
+        if dtype == "auto":
+            dtype = saved_dtype(base_model_path)
         base = load_model(base_model_path, dtype=dtype, attn_implementation=attn_implementation,
                           quantization=quantization)
         model: nn.Module = PeftModel.from_pretrained(base, path)
     else:
         if quantization is not None:
             raise ValueError(f"{path} is a merged/full export: load it without quantization")
+        if dtype == "auto":
+            dtype = saved_dtype(path)
         model = load_model(str(path), dtype=dtype, attn_implementation=attn_implementation)
     model.eval()
     anchor = None

@@ -9,7 +9,7 @@ import sys
 
 from transformers import AutoProcessor
 
-from attanchor.train.checkpoint import load_module
+from attanchor.train.checkpoint import load_module, render_settings_of
 from attanchor.train.export import export_model
 
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     out = export_model(module.hf_model, args.out, merge=args.merge,
                        anchor_config=module.anchor_config,
                        processor=AutoProcessor.from_pretrained(module.model_path),
-                       dtype=args.dtype, overwrite=args.overwrite)
+                       dtype=args.dtype, overwrite=args.overwrite,
+                       render=render_settings_of(args.checkpoint))
     print(f"exported {args.checkpoint} -> {out}")
     return 0

@@ -8,7 +8,6 @@ from a path or hub id; LoRA / QLoRA checkpoints hold only the trainable weights.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -18,7 +17,8 @@ import torch
 
 from attanchor.anchoring import AnchorConfig, AnchoredVLM
 
-BATCH_KEYS = ("input_ids", "pixel_values", "attention_mask", "labels", "candidate_mask")
+BATCH_KEYS = ("input_ids", "pixel_values", "attention_mask", "labels", "candidate_mask",
+              "sample_index")
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,10 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """AdamW (or paged AdamW 8-bit) with a cosine schedule and linear warm-up."""
+    """AdamW (or paged AdamW 8-bit, or DeepSpeed's CPU Adam for ZeRO offload) with a cosine
+    schedule and linear warm-up."""
 
-    name: Literal["adamw", "paged_adamw_8bit"] = "adamw"
+    name: Literal["adamw", "paged_adamw_8bit", "deepspeed_cpu_adam"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -89,6 +90,7 @@ class AnchorModule(L.LightningModule):
         self.settings = model
         self.optim_settings = optim
         self.anchored: AnchoredVLM | None = None
+        self.built_empty = False
         # LoRA checkpoints hold only trainable weights; the rest comes from model_path.
         self.strict_loading = model.mode == "full"
         self._t_batch = 0.0
@@ -100,16 +102,42 @@ class AnchorModule(L.LightningModule):
         from attanchor.train.build import configure_trainable, load_model
 
         s = self.settings
+        empty = self._fsdp_empty_rank()
+        self.built_empty = empty  # for tests and logs: this rank read no weight
         hf = load_model(self.model_path, dtype=s.dtype, attn_implementation=s.attn_implementation,
                         trust_remote_code=s.trust_remote_code,
                         quantization="nf4" if s.mode == "qlora" else None,
-                        gradient_checkpointing=s.gradient_checkpointing)
+                        gradient_checkpointing=s.gradient_checkpointing,
+                        zero3_config=self._zero3_config(), empty=empty)
         hf = configure_trainable(
             hf, stage=s.stage, mode=s.mode, lora_r=s.lora.r, lora_alpha=s.lora.alpha,
             lora_dropout=s.lora.dropout, lora_target_modules=s.lora.target_modules,
             train_projector=s.lora.train_projector, projector_mode=s.lora.projector_mode,
             freeze_vision_tower=s.freeze_vision_tower)
         self.anchored = AnchoredVLM(hf, self.anchor_config)
+
+    def _zero3_config(self) -> dict | None:
+        """The DeepSpeed config when this module is built under ZeRO-3 (then the weights load
+        partitioned, never whole on one rank; see ``sharding.zero3_from_pretrained``), else
+        None. Lightning has formatted the config by then (its ``model_sharded_context``)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+            return strategy.config
+        return None
+
+    def _fsdp_empty_rank(self) -> bool:
+        """True on the ranks other than zero of a multi-process FSDP run: they build on the meta
+        device and receive rank zero's weights when FSDP wraps (``sync_module_states``), so a
+        7B checkpoint is read into host memory once per run (by global rank zero), not once
+        per GPU."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = getattr(self._trainer, "strategy", None)
+        return (isinstance(strategy, FSDPStrategy) and strategy.world_size > 1
+                and strategy.global_rank != 0 and self.settings.mode != "qlora"
+                and bool(strategy.kwargs.get("sync_module_states")))
 
     @property
     def hf_model(self) -> torch.nn.Module:
@@ -118,7 +146,12 @@ class AnchorModule(L.LightningModule):
         return self.anchored.model
 
     def forward(self, batch: dict[str, Any]) -> Any:
-        return self.anchored(**{k: batch[k] for k in BATCH_KEYS if k in batch})
+        # The random control's placements are a function of (seed, sample, epoch): training
+        # draws new ones each epoch; evaluation always uses epoch 0, so every validation sees
+        # the same placements. No generator state: resumes, ranks and batch-mates cannot
+        # shift them.
+        epoch = self.current_epoch if self.training else 0
+        return self.anchored(**{k: batch[k] for k in BATCH_KEYS if k in batch}, epoch=epoch)
 
     # -- steps -------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -128,7 +161,7 @@ class AnchorModule(L.LightningModule):
         out = self(batch)
         B = batch["input_ids"].shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
-        self._log_anchor_stats("train", B)
+        self._log_anchor_stats("train", batch)
         return out.loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -140,29 +173,6 @@ class AnchorModule(L.LightningModule):
         self.log("train/tokens_per_s", tokens / dt, batch_size=B)
         self.log("train/samples_per_s", B / dt, batch_size=B)
 
-    # Evaluation draws the random control's placements from a fresh generator each time, so
-    # every validation sees the same placements and the training stream is left untouched
-    # (sanity checks and validations do not shift it, which keeps resumes exact).
-    def on_validation_epoch_start(self) -> None:
-        self._swap_in_eval_generator()
-
-    def on_validation_epoch_end(self) -> None:
-        self._swap_back_train_generator()
-
-    def on_test_epoch_start(self) -> None:
-        self._swap_in_eval_generator()
-
-    def on_test_epoch_end(self) -> None:
-        self._swap_back_train_generator()
-
-    def _swap_in_eval_generator(self) -> None:
-        self._train_generator = self.anchored.generator
-        self.anchored.generator = torch.Generator().manual_seed(self.anchor_config.seed)
-
-    def _swap_back_train_generator(self) -> None:
-        if getattr(self, "_train_generator", None) is not None:
-            self.anchored.generator, self._train_generator = self._train_generator, None
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._eval_step("val", batch)
 
@@ -173,20 +183,31 @@ class AnchorModule(L.LightningModule):
         out = self(batch)
         B = batch["input_ids"].shape[0]
         self.log(f"{split}/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=B)
-        self._log_anchor_stats(split, B)
+        self._log_anchor_stats(split, batch)
         return out.loss
 
-    def _log_anchor_stats(self, split: str, batch_size: int) -> None:
-        for name, value in self.anchored.last_stats.items():
-            if not math.isnan(value):
-                self.log(f"{split}/{name}", value, batch_size=batch_size,
-                         sync_dist=split != "train")
+    def _log_anchor_stats(self, split: str, batch: dict[str, Any]) -> None:
+        """Log ``attanchor.train.anchor_stats.STAT_REDUCE``'s keys, every one at every step on
+        every rank (counts and sums; no key is ever skipped), so a synchronised reduction never
+        waits on a rank that logged fewer keys. Means are ratios of the logged sums."""
+        from attanchor.train.anchor_stats import STAT_REDUCE, batch_anchor_stats
+
+        stats = batch_anchor_stats(self.anchored.last_regrouped, batch["attention_mask"])
+        B = batch["input_ids"].shape[0]
+        for name, value in stats.items():
+            self.log(f"{split}/{name}", value, batch_size=B, reduce_fx=STAT_REDUCE[name],
+                     sync_dist=split != "train")
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        from attanchor.train.optim import build_optimizer, build_scheduler
+        from attanchor.train.optim import (
+            build_optimizer,
+            build_scheduler,
+            check_optimizer_for_deepspeed,
+        )
 
         o = self.optim_settings
+        check_optimizer_for_deepspeed(o.name, getattr(self.trainer.strategy, "config", None))
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         optimizer = build_optimizer(named, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
                                     betas=o.betas)
@@ -195,17 +216,29 @@ class AnchorModule(L.LightningModule):
                                     schedule=o.schedule)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's FSDP precision refuses norm clipping (every recipe clips at 1.0): under
+        FSDP clip with FSDP's own ``clip_grad_norm_`` (the norm over all shards, collective)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = self.trainer.strategy.model
+        if isinstance(model, FullyShardedDataParallel) and gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"gradient_clip_algorithm={gradient_clip_algorithm!r} under "
+                                 "FSDP: only 'norm' is supported")
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["anchor_config"] = self.anchor_config.to_dict()
-        # The random control's placements continue exactly after a resume.
-        checkpoint["anchor_generator_state"] = self.anchored.generator.get_state()
         if self.settings.mode != "full":
-            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            from attanchor.train.sharding import clean_param_name
+
+            # FSDP's per-layer units add wrapper names that the saved state dict has not.
+            trainable = {clean_param_name(n) for n, p in self.named_parameters()
+                         if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k in trainable}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("anchor_generator_state")
-        if state is not None and self.anchored is not None:
-            self.anchored.generator.set_state(state)

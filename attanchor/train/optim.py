@@ -117,6 +117,48 @@ def build_optimizer(
     return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
 
 
+def optimizer_class(name: str) -> type:
+    """The class ``build_optimizer(name=...)`` builds, without building it (DeepSpeed's CPU
+    Adam compiles a C++ op when constructed, not when imported)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name={name!r}: allowed are {OPTIMIZERS}")
+    if name == "adamw":
+        return torch.optim.AdamW
+    if name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam
+
+
+def check_optimizer_for_deepspeed(name: str, config: dict[str, Any] | None) -> None:
+    """Raise when DeepSpeed would refuse optimizer ``name`` under ``config`` (a strategy's
+    DeepSpeed config; None for other strategies): with ZeRO optimizer offload to CPU or NVMe,
+    DeepSpeed accepts only its own CPU optimizers unless ``zero_force_ds_cpu_optimizer`` is
+    false. The rule is DeepSpeed's (``DeepSpeedEngine._configure_basic_optimizer``), read
+    through its own config classes, so a recipe fails at build time, not after model loading.
+    """
+    if not config or "zero_optimization" not in config:
+        return
+    from deepspeed.runtime.config import get_zero_force_ds_cpu_optimizer
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    zero = DeepSpeedZeroConfig(**config["zero_optimization"])
+    offload = zero.offload_optimizer
+    needs_ds = (offload is not None and offload.device in (OffloadDeviceEnum.cpu,
+                                                          OffloadDeviceEnum.nvme)
+                and get_zero_force_ds_cpu_optimizer(config))
+    if needs_ds and name != "deepspeed_cpu_adam":
+        raise ValueError(
+            f"optimizer {name!r} under ZeRO optimizer offload (device {str(offload.device)!r}): "
+            "DeepSpeed accepts only its own CPU optimizer there; set model.optim.name: "
+            "deepspeed_cpu_adam (or a strategy without offload)"
+        )
+
+
 def build_scheduler(
     optimizer: Optimizer,
     total_steps: int,

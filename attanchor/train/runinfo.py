@@ -5,13 +5,15 @@ A run directory (shared/ARCHITECTURE.md)::
     runs/<recipe-name>/<strategy>-seed<k>/
       config.yaml   the resolved recipe (write_run_info)
       env.json      package versions, python, platform, git commit, data file hashes
+      run.json      the batch as trained: world size, per-device batch, accumulation, global
 
 Example::
 
     run_dir = run_dir_for("runs", "demo", "text_into_image", 0)
     write_run_info(run_dir, resolved_config, [train_file, val_file])
 
-Only the global-zero process should call ``write_run_info``.
+Only the global-zero process should call ``write_run_info``. ``plan_batch`` turns a global
+batch (the papers' figure) into gradient accumulation for a given world size.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -148,16 +151,79 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch a run trains with. Invariant: ``global_batch_size == world_size *
+    per_device_batch_size * accumulate_grad_batches`` (samples per optimizer step)."""
+
+    world_size: int
+    per_device_batch_size: int
+    accumulate_grad_batches: int
+    global_batch_size: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive int")
+    return value
+
+
+def plan_batch(
+    *,
+    world_size: int,
+    per_device_batch_size: int,
+    global_batch_size: int | None = None,
+    accumulate_grad_batches: int = 1,
+) -> BatchPlan:
+    """Derive gradient accumulation from a global batch: ``global / (world * per_device)``.
+
+    ``global_batch_size=None`` keeps ``accumulate_grad_batches`` as given. With a global batch,
+    ``accumulate_grad_batches`` must be left at 1 (its default: it is derived) or equal the
+    derived value; a global batch that ``world_size * per_device_batch_size`` does not divide
+    raises, naming the three numbers and the ways out.
+
+    Example: global 128 on 8 GPUs x batch 4 -> accumulate 4; on 1 GPU -> 32; 2 nodes x 8 GPUs
+    x batch 4 -> 2.
+    """
+    world = _positive("world_size", world_size)
+    per = _positive("data.batch_size", per_device_batch_size)
+    acc = _positive("trainer.accumulate_grad_batches", accumulate_grad_batches)
+    if global_batch_size is None:
+        return BatchPlan(world, per, acc, world * per * acc)
+    total = _positive("data.global_batch_size", global_batch_size)
+    per_step = world * per
+    if total % per_step:
+        raise ValueError(
+            f"data.global_batch_size={total} is not a multiple of world_size {world} x "
+            f"data.batch_size {per} = {per_step}: choose a data.batch_size (per device) or a "
+            f"device count whose product divides {total}, or another global batch"
+        )
+    derived = total // per_step
+    if acc not in (1, derived):
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={acc} contradicts data.global_batch_size={total} "
+            f"/ (world_size {world} x data.batch_size {per}) = {derived}: leave "
+            "trainer.accumulate_grad_batches unset (it is derived from the global batch) or "
+            "set data.global_batch_size: null"
+        )
+    return BatchPlan(world, per, derived, total)
+
+
 def write_run_info(
     run_dir: str | os.PathLike,
     resolved_config: Mapping[str, Any],
     data_files: Sequence[str | os.PathLike],
     *,
     repo_dir: str | os.PathLike | None = None,
+    batch: BatchPlan | None = None,
 ) -> dict[str, Any]:
-    """Write ``config.yaml`` (``yaml.safe_dump`` of the resolved config) and ``env.json``.
+    """Write ``config.yaml`` (``yaml.safe_dump`` of the resolved config), ``env.json`` and,
+    given a ``batch``, ``run.json`` (``{"batch": BatchPlan.to_dict()}``).
 
-    Creates ``run_dir``; both files are written atomically and overwritten on a rerun (a
+    Creates ``run_dir``; the files are written atomically and overwritten on a rerun (a
     resumed run records the environment it resumed in). Returns the env dict.
     """
     run_dir = Path(run_dir)
@@ -166,6 +232,8 @@ def write_run_info(
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
     _atomic_write(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+    if batch is not None:
+        _atomic_write(run_dir / "run.json", json.dumps({"batch": batch.to_dict()}, indent=2) + "\n")
     return env
 
 

@@ -14,15 +14,20 @@ deepspeed_stage_3_offload      stage 3 + optimizer/parameter offload  same, on C
 fsdp                           ``FSDPStrategy``                      ``CPUFSDPStrategy`` (gloo)
 =============================  ====================================  ==========================
 
+FSDP wraps each decoder layer of the LLM and each encoder layer of the vision tower
+(``sharding.DecoderLayerWrapPolicy``, the classes found from the model).
+
 Traps this module's users must know:
 
 - ZeRO-3 partitions parameters into empty placeholders (``torch.Size([0])``). Loading weights
   into a partitioned model, or reading them (``trainable_state_dict`` does it for you), needs
   ``deepspeed.zero.GatheredParameters``. Under stage 3 Lightning calls ``configure_model``
-  inside ``deepspeed.zero.Init``; ``from_pretrained`` crashes there and peft's LoRA init would
-  write into placeholders. ``build.load_model`` and ``build.configure_trainable`` step out of
-  that context (``build.outside_zero_init``): the model is built whole in host memory and
-  ``deepspeed.initialize`` partitions it (tested with 2 processes, weights checked equal).
+  inside ``deepspeed.zero.Init``. ``AnchorModule.configure_model`` passes the strategy's
+  config to ``build.load_model(zero3_config=...)``: the model is built partitioned and filled
+  one module at a time (``sharding.zero3_from_pretrained``), so no rank holds a whole copy;
+  peft's adapters are created outside the context (``sharding.outside_zero_init``: inside it
+  they would be placeholders and ``lora_B`` would not start at zero) and partitioned by
+  ``deepspeed.initialize``.
 - LoRA under DeepSpeed: ``exclude_frozen_parameters=True`` keeps checkpoints to the trainable
   weights; resuming then needs the LightningModule's ``strict_loading = False``.
 - ZeRO offload (``deepspeed_stage_3_offload``) requires DeepSpeed's own CPU optimizer:
@@ -84,6 +89,36 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         return torch.device("cpu", self.local_rank)
 
 
+class MaterializeEmpty:
+    """FSDP's ``param_init_fn`` for meta-device ranks: allocate each unit's tensors, values
+    left uninitialised, on this rank's device; ``sync_module_states`` then overwrites them with
+    rank zero's. (FSDP's default calls ``reset_parameters`` on every module, which e.g.
+    ``LlamaRMSNorm`` lacks, and would compute an initialisation that is thrown away.)"""
+
+    def __init__(self, on_cpu: bool) -> None:
+        self.on_cpu = on_cpu
+
+    def __call__(self, module: torch.nn.Module) -> None:
+        device = torch.device("cpu") if self.on_cpu else \
+            torch.device("cuda", torch.cuda.current_device())
+        module.to_empty(device=device, recurse=False)
+
+
+@contextlib.contextmanager
+def _gloo_sync_module_states() -> Iterator[None]:
+    """Let FSDP's ``sync_module_states`` broadcast CPU tensors (gloo can; NCCL cannot, which is
+    why torch refuses them). Only the CPU variant enters this: on GPUs FSDP's own check stands.
+    Without it the CPU runs could not exercise the meta-device ranks' path GPU users take."""
+    from torch.distributed.fsdp import _init_utils
+
+    check = _init_utils._check_module_states_for_sync_module_states
+    _init_utils._check_module_states_for_sync_module_states = lambda states: None
+    try:
+        yield
+    finally:
+        _init_utils._check_module_states_for_sync_module_states = check
+
+
 class CPUFSDPStrategy(FSDPStrategy):
     """FSDP on CPU processes (gloo): wraps with ``device_id=torch.device("cpu")``.
 
@@ -101,14 +136,15 @@ class CPUFSDPStrategy(FSDPStrategy):
 
         if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             return super()._setup_model(model)
-        wrapped = FullyShardedDataParallel(
-            module=model,
-            cpu_offload=self.cpu_offload,
-            mixed_precision=self.mixed_precision_config,
-            sharding_strategy=self.sharding_strategy,
-            device_id=torch.device("cpu"),
-            **self.kwargs,
-        )
+        with _gloo_sync_module_states():
+            wrapped = FullyShardedDataParallel(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
+            )
         # The parent's "already wrapped" path adds activation checkpointing and metrics moves;
         # hide the wrap policy from it so it does not warn that the policy is ignored.
         policy = self.kwargs.pop("auto_wrap_policy", None)
@@ -206,6 +242,15 @@ def build_strategy(
             strategy_kwargs.setdefault("process_group_backend", "gloo")
         return DDPStrategy(find_unused_parameters=find_unused_parameters, **strategy_kwargs)
     if name == "fsdp":
+        from attanchor.train.sharding import DecoderLayerWrapPolicy
+
+        # One FSDP unit per decoder / vision-encoder layer (found from the model); without a
+        # policy FSDP makes the whole model one unit and every rank gathers all of it at once.
+        strategy_kwargs.setdefault("auto_wrap_policy", DecoderLayerWrapPolicy())
+        # Ranks other than zero build the model on the meta device (AnchorModule.configure_model);
+        # FSDP materialises each unit and broadcasts rank zero's weights into it.
+        strategy_kwargs.setdefault("sync_module_states", True)
+        strategy_kwargs.setdefault("param_init_fn", MaterializeEmpty(on_cpu=device == "cpu"))
         cls = CPUFSDPStrategy if device == "cpu" else FSDPStrategy
         return cls(**strategy_kwargs)
     cls = CPUDeepSpeedStrategy if device == "cpu" else DeepSpeedStrategy

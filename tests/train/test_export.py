@@ -186,3 +186,36 @@ def test_load_exported_errors(tiny_dir, processor, tmp_path):
     (out / "anchor_config.json").write_text(json.dumps({"strategy": "bogus"}))
     with pytest.raises(ValueError, match="bogus"):
         load_exported(out, base_model_path=str(tiny_dir))
+
+
+def test_render_settings_round_trip(tiny_dir, processor, tmp_path):
+    from attanchor.train.checkpoint import load_anchored
+    from attanchor.train.export import RenderSettings, read_render_config
+
+    render = RenderSettings(template="tiny-llava-v1", scope="all_user_turns")
+    out = export_model(_trained(tiny_dir), tmp_path / "r", merge=True, anchor_config=ANCHOR,
+                       processor=processor, render=render)
+    assert json.loads((out / "render_config.json").read_text()) == {
+        "template": "tiny-llava-v1", "scope": "all_user_turns", "format": "llava"}
+    assert read_render_config(out) == render
+    loaded = load_anchored(out)
+    assert loaded.render == render and loaded.anchored.config.scope == "all_user_turns"
+    # An export without render_config.json: the model's own template, the anchor's scope.
+    bare = export_model(_trained(tiny_dir), tmp_path / "bare", merge=True, anchor_config=ANCHOR,
+                        processor=processor)
+    assert read_render_config(bare) is None
+    assert load_anchored(bare).render == RenderSettings(template=None, scope=ANCHOR.scope)
+    with pytest.raises(ValueError, match="render scope='everything'"):
+        export_model(_trained(tiny_dir), tmp_path / "bad", merge=True, anchor_config=ANCHOR,
+                     processor=processor, render={"scope": "everything"})
+
+
+def test_bfloat16_export_loads_as_bfloat16_by_default(tiny_dir, processor, tmp_path):
+    out = export_model(_trained(tiny_dir), tmp_path / "bf16", merge=True, anchor_config=ANCHOR,
+                       processor=processor, dtype="bfloat16")
+    loaded, _, _ = load_exported(out)  # dtype="auto": as saved, not cast up to float32
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    adapter = export_model(_trained(tiny_dir), tmp_path / "adapter", merge=False,
+                           anchor_config=ANCHOR, processor=processor)
+    loaded, _, _ = load_exported(adapter)  # the base was saved in float32
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}

