@@ -15,13 +15,17 @@ from attanchor.eval.calibrate import (
     similarity_histogram_png,
     threshold_for_fraction,
 )
+from attanchor.eval.device import place_model, resolve_device
 from attanchor.train.recipe import resolve_recipe
 from attanchor.train.runinfo import run_dir_for
 
 
 @torch.no_grad()
-def gather_similarities(recipe: dict, batches: int) -> torch.Tensor:
-    """Best-match similarity of every candidate in the first ``batches`` training batches."""
+def gather_similarities(recipe: dict, batches: int, device: str | torch.device = "auto"
+                        ) -> torch.Tensor:
+    """Best-match similarity of every candidate in the first ``batches`` training batches,
+    computed on ``device`` (``resolve_device``) with the model in the recipe's dtype; returned
+    on the CPU."""
     from attanchor.data.datamodule import VLMDataModule
     from attanchor.train.build import load_model
 
@@ -30,7 +34,8 @@ def gather_similarities(recipe: dict, batches: int) -> torch.Tensor:
     settings = model_cfg.get("model", {})
     hf = load_model(model_cfg["model_path"], dtype=settings.get("dtype", "float32"),
                     trust_remote_code=settings.get("trust_remote_code", False)).eval()
-    wrapped = AnchoredVLM(hf, anchor)
+    wrapped = place_model(AnchoredVLM(hf, anchor), device)
+    table = hf.get_input_embeddings().weight
     dm = VLMDataModule(model_path=model_cfg["model_path"], scope=anchor.scope,
                        **recipe.get("data", {}))
     dm.setup("fit")
@@ -38,17 +43,21 @@ def gather_similarities(recipe: dict, batches: int) -> torch.Tensor:
     for i, batch in enumerate(dm.train_dataloader()):
         if i >= batches:
             break
-        embeds, image_mask = wrapped.baseline_embeds(batch["input_ids"], batch["pixel_values"])
+        pv = batch["pixel_values"]
+        embeds, image_mask = wrapped.baseline_embeds(
+            batch["input_ids"].to(table.device),
+            None if pv is None else pv.to(table.device, table.dtype))
         rows = image_mask.any(dim=1)  # text-only rows have nothing to match
         values.append(best_match_similarities(embeds[rows], image_mask[rows],
-                                              batch["candidate_mask"][rows]))
-    return torch.cat(values)
+                                              batch["candidate_mask"].to(table.device)[rows]))
+    return torch.cat(values).cpu()
 
 
 def run_calibrate(config: str, *, target_fraction: float, batches: int,
-                  out_png: str | None = None) -> int:
+                  out_png: str | None = None, device: str = "auto") -> int:
+    target = resolve_device(device)  # before anything loads: a bad --device fails at once
     recipe = resolve_recipe(config)
-    sims = gather_similarities(recipe, batches)
+    sims = gather_similarities(recipe, batches, target)
     tau = threshold_for_fraction(sims, target_fraction)
     paper_tau = 0.12
     run = recipe.get("run", {})

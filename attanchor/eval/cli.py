@@ -11,7 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-from attanchor.anchoring import STRATEGIES, AnchorConfig
+from attanchor.anchoring import STRATEGIES, AnchorConfig, AnchoredVLM
+from attanchor.data.render import SCOPES
+from attanchor.data.templates import NAMED_TEMPLATES
+
+OWN_TEMPLATE = "model"  # --template model: the tokenizer's own chat template
 
 
 def _csv(kind):
@@ -39,6 +43,30 @@ def _anchor_config(args: argparse.Namespace, stored: AnchorConfig) -> AnchorConf
     return AnchorConfig.from_dict(merged)
 
 
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="auto (the local accelerator: cuda:LOCAL_RANK when CUDA is available, "
+                        "else cpu) | cpu | cuda | cuda:K; the model keeps its dtype")
+
+
+def _render(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("rendering (default: what the run trained with, stored in the "
+                             "checkpoint / export)")
+    g.add_argument("--template", default=None, choices=[*sorted(NAMED_TEMPLATES), OWN_TEMPLATE],
+                   help=f"a named chat template, or {OWN_TEMPLATE!r} for the model's own")
+    g.add_argument("--scope", default=None, choices=SCOPES, help="candidate scope")
+
+
+def render_overrides(args: argparse.Namespace) -> dict:
+    """``load_anchored`` keyword overrides from --template / --scope (absent: stored ones)."""
+    out: dict = {}
+    if args.template is not None:
+        out["template"] = None if args.template == OWN_TEMPLATE else args.template
+    if args.scope is not None:
+        out["scope"] = args.scope
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attanchor")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -49,11 +77,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=("pope", "vqa"))
     p.add_argument("--image-root", required=True)
     p.add_argument("--out", default=None, help="default: <checkpoint dir>/../eval/<task>")
-    p.add_argument("--template", default=None)
-    p.add_argument("--format", default="llava", choices=("llava", "messages"))
+    p.add_argument("--format", default=None, choices=("llava", "messages"),
+                   help="VQA file format (default: the run's data.format)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--limit", type=int, default=None)
+    _device(p)
+    _render(p)
     _anchor_overrides(p)
 
     p = sub.add_parser("compare", help="paired seeded runs of several strategies + a report")
@@ -65,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", default=None, help="default: the recipe's data.image_root")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N items")
     p.add_argument("--out", default=None, help="default: <run.root>/<run.name>/")
+    _device(p)
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="extra `attanchor fit` arguments after --, e.g. -- --trainer.max_steps 50")
 
@@ -81,32 +112,44 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target-fraction", type=float, default=0.1)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--out", default=None, help="PNG path (default: <run dir>/calibrate.png)")
+    _device(p)
 
     p = sub.add_parser("visualize", help="draw anchored words on their image patches")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--template", default=None)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    _device(p)
+    _render(p)
     _anchor_overrides(p)
     return ap
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from attanchor.eval.device import resolve_device
     from attanchor.eval.evaluate import evaluate
+    from attanchor.eval.ranks import eval_world
     from attanchor.train.checkpoint import load_anchored
 
-    anchored, processor = load_anchored(args.checkpoint)
+    device = resolve_device(args.device)  # before loading: a bad --device fails at once
+    rank, _ = eval_world()
+    loaded = load_anchored(args.checkpoint, device=device, **render_overrides(args))
+    anchored, render = loaded.anchored, loaded.render
     override = _anchor_config(args, anchored.config)
-    if override is not None:
-        anchored, processor = load_anchored(args.checkpoint, anchor=override)
+    if override is not None:  # the same weights, regrouped another way
+        anchored = AnchoredVLM(anchored.model, override).eval()
     out = args.out or Path(args.checkpoint).resolve().parent.parent / "eval" / args.task
-    metrics = evaluate(anchored, processor, args.data, args.task, image_root=args.image_root,
-                       out_dir=out, template=args.template, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, limit=args.limit, format=args.format)
-    print(json.dumps(metrics, indent=2))
-    print(f"predictions and metrics: {out}")
+    metrics = evaluate(anchored, loaded.processor, args.data, args.task,
+                       image_root=args.image_root, out_dir=out, template=render.template,
+                       scope=render.scope, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, limit=args.limit,
+                       format=args.format or render.format)
+    if rank == 0:
+        print(json.dumps(metrics, indent=2))
+        template = render.template or "the model's own"
+        print(f"predictions and metrics: {out} (template {template}, scope {render.scope}, "
+              f"device {device})")
     return 0
 
 
@@ -121,9 +164,10 @@ def _compare(args: argparse.Namespace) -> int:
     overrides = [a for a in args.overrides if a != "--"]
     res = compare(args.config, seeds=args.seeds, strategies=args.strategies, evals=evals,
                   image_root=args.image_root, overrides=overrides, limit=args.limit,
-                  out_dir=args.out)
-    print(res["table"])
-    print(f"report: {res['paths']['report_md']}")
+                  out_dir=args.out, device=args.device)
+    if res["rank"] == 0:
+        print(res["table"])
+        print(f"report: {res['paths']['report_md']}")
     return 0
 
 
@@ -143,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         from attanchor.eval.calibrate_run import run_calibrate
 
         return run_calibrate(args.config, target_fraction=args.target_fraction,
-                             batches=args.batches, out_png=args.out)
+                             batches=args.batches, out_png=args.out, device=args.device)
     from attanchor.eval.visualize_run import run_visualize
 
     return run_visualize(args.checkpoint, args.image, args.prompt, args.out,
-                         template=args.template, max_new_tokens=args.max_new_tokens,
-                         anchor_override=lambda stored: _anchor_config(args, stored))
+                         max_new_tokens=args.max_new_tokens, device=args.device,
+                         anchor_override=lambda stored: _anchor_config(args, stored),
+                         **render_overrides(args))

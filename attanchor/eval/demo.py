@@ -40,7 +40,7 @@ def _data_overrides(p: dict[str, Path]) -> list[str]:
 
 def pretrain(p: dict[str, Path], steps: int, log=print) -> Path:
     """Baseline full fine-tune of the tiny model from scratch, exported to p["pretrained"]."""
-    from attanchor.train.checkpoint import load_module
+    from attanchor.train.checkpoint import load_module, render_settings_of
     from attanchor.train.cli import build_cli
     from attanchor.train.export import export_model
 
@@ -61,7 +61,8 @@ def pretrain(p: dict[str, Path], steps: int, log=print) -> Path:
     from transformers import AutoProcessor
 
     export_model(module.hf_model, p["pretrained"], merge=False, anchor_config=None,
-                 processor=AutoProcessor.from_pretrained(p["init"]))
+                 processor=AutoProcessor.from_pretrained(p["init"]),
+                 render=render_settings_of(ckpt))
     return p["pretrained"]
 
 

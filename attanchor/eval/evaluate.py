@@ -22,6 +22,7 @@ from attanchor.data.collate import collate
 from attanchor.data.formats import IMAGE_PLACEHOLDER, Conversation, Turn, read_records
 from attanchor.data.render import Renderer
 from attanchor.eval.metrics import parse_yes_no, pope_metrics, vqa_accuracy
+from attanchor.eval.ranks import barrier, eval_world, gather_in_order, is_writer, shard_bounds
 
 TASKS = ("pope", "vqa")
 
@@ -80,8 +81,11 @@ def generate_answers(anchored: AnchoredVLM, renderer: Renderer, items: Sequence[
                      progress: bool = True) -> list[dict[str, Any]]:
     """Greedy answers for every item, with the anchors each prompt received.
 
+    Batches of ``batch_size`` prompts (left-padded) are generated on the model's device (the
+    device of its input embeddings), pixel values cast to the model's dtype.
     Returns one dict per item: ``id``, ``prediction`` (decoded, special tokens dropped),
-    ``anchors`` (copies inserted into its prompt).
+    ``anchors`` (copies inserted into its prompt), ``prompt`` (the rendered prompt as the
+    model read it, see ``prompt_text``).
     """
     tok = renderer.tokenizer
     table = anchored.model.get_input_embeddings().weight
@@ -96,13 +100,27 @@ def generate_answers(anchored: AnchoredVLM, renderer: Renderer, items: Sequence[
             None if pv is None else pv.to(device, dtype),
             batch["attention_mask"].to(device),
             candidate_mask=batch["candidate_mask"].to(device),
+            # The random control's placements key on the record, not on its row in the batch.
+            sample_index=batch["sample_index"].to(device),
             max_new_tokens=max_new_tokens, do_sample=False,
             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         texts = tok.batch_decode(new, skip_special_tokens=True)
         counts = anchored.last_anchor_counts.tolist()
-        for it, text, n in zip(chunk, texts, counts):
-            out.append({"id": it.conversation.id, "prediction": text.strip(), "anchors": int(n)})
+        for it, sample, text, n in zip(chunk, samples, texts, counts):
+            out.append({"id": it.conversation.id, "prediction": text.strip(), "anchors": int(n),
+                        "prompt": prompt_text(tok, sample.input_ids, anchored.image_token_id)})
     return out
+
+
+def prompt_text(tokenizer: Any, input_ids: torch.Tensor | Sequence[int], image_token_id: int
+                ) -> str:
+    """The prompt's tokens decoded with special tokens kept, each run of image tokens shown
+    as one image token (a 576-token run would drown the text). Shows which template
+    rendered the prompt, e.g. ``<s>USER: <image>\nis there a circle ? ASSISTANT:``."""
+    ids = [int(i) for i in input_ids]
+    kept = [t for k, t in enumerate(ids) if t != image_token_id or k == 0
+            or ids[k - 1] != image_token_id]
+    return tokenizer.decode(kept, skip_special_tokens=False)
 
 
 def score(task: str, items: Sequence[Item], predictions: Sequence[dict[str, Any]]
@@ -128,19 +146,33 @@ def evaluate(anchored: AnchoredVLM, processor: Any, data: str | Path, task: str,
              image_root: str | Path, out_dir: str | Path | None = None,
              template: str | None = None, batch_size: int = 16, max_new_tokens: int = 8,
              limit: int | None = None, format: str = "llava", progress: bool = True,
-             ) -> dict[str, Any]:
+             scope: str | None = None) -> dict[str, Any]:
     """Evaluate on a POPE or VQA file; write ``predictions.jsonl`` and ``metrics.json`` to
-    ``out_dir`` when given; return the metrics."""
+    ``out_dir`` when given; return the metrics (the same on every rank).
+
+    Prompts are rendered with ``template`` (None: the model's own chat template) and candidate
+    ``scope`` (None: ``anchored.config.scope``). Under several processes (``ranks.eval_world``)
+    each rank answers its contiguous shard of the items, the answers are gathered in the
+    original order, metrics are computed from all of them, and only rank zero writes.
+    """
     if task not in TASKS:
         raise ValueError(f"task={task!r}: allowed are {TASKS}")
     items = read_pope(data) if task == "pope" else read_vqa(data, format)
     items = items[:limit] if limit else items
-    renderer = Renderer(processor, template=template, scope=anchored.config.scope,
+    renderer = Renderer(processor, template=template, scope=scope or anchored.config.scope,
                         image_root=image_root)
-    predictions = generate_answers(anchored, renderer, items, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, progress=progress)
+    rank, world = eval_world()
+    start, end = shard_bounds(len(items), rank, world)
+    local = generate_answers(anchored, renderer, items[start:end], batch_size=batch_size,
+                             max_new_tokens=max_new_tokens, progress=progress and rank == 0)
+    predictions = gather_in_order(local, world)
+    got = [p["id"] for p in predictions]
+    if got != [it.conversation.id for it in items]:  # every item once, in the file's order
+        raise RuntimeError(f"gathered {len(got)} predictions for {len(items)} items over "
+                           f"{world} ranks, not in the items' order: ranks disagree about "
+                           f"the items of {data} (same file and --limit on every rank?)")
     metrics = score(task, items, predictions)
-    if out_dir is not None:
+    if out_dir is not None and is_writer(rank):
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
@@ -151,4 +183,5 @@ def evaluate(anchored: AnchoredVLM, processor: Any, data: str | Path, task: str,
                     row["parsed"] = parse_yes_no(p["prediction"])
                 f.write(json.dumps(row) + "\n")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    barrier(world)  # the files exist for every rank once evaluate returns
     return metrics

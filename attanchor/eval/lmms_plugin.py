@@ -40,6 +40,7 @@ from torch import Tensor
 
 from attanchor.anchoring.config import AnchorConfig
 from attanchor.anchoring.model import AnchoredVLM
+from attanchor.eval.device import place_model, resolve_device
 
 IMAGE_PLACEHOLDER = "<image>"
 _NONE_STRINGS = {"none", "null", ""}
@@ -50,6 +51,9 @@ def load_anchored_checkpoint(path: str | Path, *, device: str | torch.device = "
                              dtype: str | torch.dtype = "auto",
                              **anchor_overrides: Any) -> tuple[AnchoredVLM, Any]:
     """Load an exported anchored checkpoint: (AnchoredVLM in eval mode on `device`, processor).
+
+    ``device``: ``auto | cpu | cuda | cuda:K`` (``attanchor.eval.device.resolve_device``);
+    ``dtype="auto"`` keeps the dtype the export was saved in (bf16 stays bf16).
 
     `anchor_overrides` replace fields of the saved ``anchor_config.json`` (strategy, threshold,
     top_fraction, max_anchors, pause_tokens, scope, seed); the strings "none"/"null" stand for
@@ -77,9 +81,10 @@ def load_anchored_checkpoint(path: str | Path, *, device: str | torch.device = "
             raise ValueError(f"dtype={dtype!r}: expected 'auto' or a torch dtype name such as "
                              "'float32', 'bfloat16', 'float16'")
         dtype = getattr(torch, dtype)
+    target = resolve_device(device)  # before loading: a bad device fails at once
     model = LlavaForConditionalGeneration.from_pretrained(root, dtype=dtype)
     processor = AutoProcessor.from_pretrained(root)
-    vlm = AnchoredVLM(model, config).to(device)
+    vlm = place_model(AnchoredVLM(model, config), target)
     vlm.eval()
     return vlm, processor
 
@@ -285,22 +290,24 @@ if _LmmsBase is not None:
     class AnchoredLlava(_LmmsBase):
         """lmms-eval model "anchored_llava": an exported anchored LLaVA checkpoint.
 
-        model_args: pretrained (the checkpoint directory), device (default: cuda when
-        available, else cpu), dtype ("auto" | torch dtype name), batch_size, max_new_tokens
+        model_args: pretrained (the checkpoint directory), device (auto | cpu | cuda | cuda:K;
+        default auto: cuda:LOCAL_RANK when CUDA is available, else cpu), dtype ("auto": as
+        saved | torch dtype name), batch_size, max_new_tokens
         (when a task sets none), and any AnchorConfig field as an override (strategy,
         threshold, top_fraction, max_anchors, pause_tokens, scope, seed).
-        Supports generate_until and loglikelihood on image tasks; single process.
+        Supports generate_until and loglikelihood on image tasks. Under torchrun the harness
+        splits the requests by rank itself (it sets rank and world_size on the model), and
+        device=auto gives each rank its own GPU (cuda:LOCAL_RANK); ``device`` is the property
+        the harness reads for its collectives.
         """
 
         is_simple = True
 
-        def __init__(self, pretrained: str, device: str | None = None, dtype: str = "auto",
+        def __init__(self, pretrained: str, device: str | None = "auto", dtype: str = "auto",
                      batch_size: int | str = 1, max_new_tokens: int = 128,
                      max_batch_size: int | None = None, **anchor_overrides: Any) -> None:
             super().__init__()
             del max_batch_size  # the harness passes it; batches here are fixed-size
-            if device is None:
-                device = "cuda" if torch.cuda.is_available() else "cpu"
             if not str(batch_size).isdigit() or int(batch_size) < 1:
                 raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
             self.batch_size = int(batch_size)
@@ -308,6 +315,11 @@ if _LmmsBase is not None:
             self.vlm, self.processor = load_anchored_checkpoint(
                 pretrained, device=device, dtype=dtype, **anchor_overrides)
             self.pretrained = str(pretrained)
+
+        @property
+        def device(self) -> torch.device:
+            """Where the model runs (the harness puts its count tensors there)."""
+            return next(self.vlm.parameters()).device
 
         def _visuals(self, doc_to_visual: Any, doc_id: int, task: str, split: str) -> list:
             visuals = doc_to_visual(self.task_dict[task][split][doc_id])

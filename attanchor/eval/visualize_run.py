@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -14,6 +15,7 @@ from attanchor.anchoring import AnchorConfig, AnchoredVLM
 from attanchor.data.collate import collate
 from attanchor.data.formats import IMAGE_PLACEHOLDER, Conversation, Turn
 from attanchor.data.render import Renderer
+from attanchor.eval.device import resolve_device
 from attanchor.eval.visualize import draw_anchors
 
 
@@ -49,26 +51,34 @@ def tower_image(pixel_values: torch.Tensor, image_processor) -> Image.Image:
 
 @torch.no_grad()
 def run_visualize(checkpoint: str, image: str, prompt: str, out: str, *,
-                  template: str | None = None, max_new_tokens: int = 16,
+                  max_new_tokens: int = 16, device: str | torch.device | None = "auto",
                   anchor_override: Callable[[AnchorConfig], AnchorConfig | None] = lambda c: None,
-                  ) -> int:
+                  **render: Any) -> int:
+    """Answer ``prompt`` about ``image`` and draw the anchors to ``out``. The prompt is
+    rendered with the template and scope the run trained with unless ``render`` overrides
+    them (``template=``, ``scope=``, as for ``load_anchored``); the model runs on ``device``
+    (``attanchor.eval.device.resolve_device``) in its own dtype."""
     from attanchor.train.checkpoint import load_anchored
 
-    anchored, processor = load_anchored(checkpoint)
+    loaded = load_anchored(checkpoint, device=resolve_device(device), **render)
+    anchored, processor = loaded.anchored, loaded.processor
     override = anchor_override(anchored.config)
     if override is not None:
-        anchored = AnchoredVLM(anchored.model, override)
+        anchored = AnchoredVLM(anchored.model, override).eval()
     image_path = Path(image).resolve()
     conv = Conversation(id="visualize", turns=[Turn("user", f"{IMAGE_PLACEHOLDER}\n{prompt}")],
                         images=[image_path.name])
-    renderer = Renderer(processor, template=template, scope=anchored.config.scope,
+    renderer = Renderer(processor, template=loaded.render.template, scope=loaded.render.scope,
                         image_root=image_path.parent)
     tok = processor.tokenizer
     batch = collate([renderer(conv, for_generation=True)], tok.pad_token_id, "left")
-    new = anchored.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                            candidate_mask=batch["candidate_mask"], do_sample=False,
-                            max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                            eos_token_id=tok.eos_token_id)
+    table = anchored.model.get_input_embeddings().weight  # where and in what dtype it runs
+    new = anchored.generate(batch["input_ids"].to(table.device),
+                            batch["pixel_values"].to(table.device, table.dtype),
+                            batch["attention_mask"].to(table.device),
+                            candidate_mask=batch["candidate_mask"].to(table.device),
+                            do_sample=False, max_new_tokens=max_new_tokens,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     answer = tok.decode(new[0], skip_special_tokens=True).strip()
     anchors = anchors_of_row(anchored, batch["input_ids"], tok)
     n_image_tokens = int((batch["input_ids"][0] == anchored.image_token_id).sum())
