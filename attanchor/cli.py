@@ -17,7 +17,7 @@ commands:
   reproduce               re-run a finished run from its config.yaml and compare metrics,
                           weights and package versions with the original
   export                  write a Hugging Face model directory from a checkpoint
-  data                    validate | prepare | show data sets
+  data                    validate | prepare | show | split data sets
   eval                    anchored generation + POPE/VQA metrics on a checkpoint
   compare                 paired, seeded baseline-vs-anchored runs and a report
   demo                    the built-in end-to-end comparison on easy-vqa (CPU, minutes)

@@ -1,11 +1,18 @@
-"""``attanchor data validate | prepare | show``.
+"""``attanchor data validate | prepare | show | split``.
 
 - ``validate --data PATH --image-root DIR [--format llava|messages] [--model PATH]``: checks
   every record (with ``--model``, also the template mapping and ``--max-length``), prints the
   counts and every bad record as ``id<TAB>reason``; exit 1 if any record is bad.
 - ``prepare easy-vqa --out DIR``: writes the built-in easy-vqa world (LLaVA JSON + POPE file).
+- ``prepare scenes --out DIR [--n-train N --n-val N --n-test N --image-size PX]``: draws the
+  procedural multi-object scenes world (existence, attribute, relation and counting questions;
+  POPE with random / popular / adversarial negatives); ``--vocab-model DIR`` also builds a tiny
+  LLaVA whose tokenizer covers the world's words.
 - ``show --data PATH --index I --model PATH``: one rendered sample, token by token, with its
   label (L) and candidate (C) flags, so anyone can see which tokens are trained on.
+- ``split --data FILE --val-fraction F --out DIR``: writes ``DIR/train.<ext>`` and
+  ``DIR/val.<ext>`` (the input's .json or .jsonl), split by record-id hash exactly as
+  ``data.val_fraction=F`` splits ``FILE`` in memory; prints the counts.
 """
 
 from __future__ import annotations
@@ -52,17 +59,29 @@ def _parser() -> argparse.ArgumentParser:
     common(v, model_required=False)
     v.add_argument("--rejects", default=None, help="also write the bad records here (JSONL)")
     pr = sub.add_parser("prepare", help="write a built-in data set")
-    pr.add_argument("name", choices=["easy-vqa"])
+    pr.add_argument("name", choices=["easy-vqa", "scenes"])
     pr.add_argument("--out", required=True)
-    pr.add_argument("--val-fraction", type=float, default=0.1)
     pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--max-train-images", type=int, default=None)
-    pr.add_argument("--max-test-images", type=int, default=None)
-    pr.add_argument("--overwrite", action="store_true")
+    pr.add_argument("--val-fraction", type=float, default=0.1, help="easy-vqa")
+    pr.add_argument("--max-train-images", type=int, default=None, help="easy-vqa")
+    pr.add_argument("--max-test-images", type=int, default=None, help="easy-vqa")
+    pr.add_argument("--overwrite", action="store_true", help="easy-vqa")
+    pr.add_argument("--n-train", type=int, default=3000, help="scenes: train images")
+    pr.add_argument("--n-val", type=int, default=300, help="scenes: validation images")
+    pr.add_argument("--n-test", type=int, default=500, help="scenes: test images")
+    pr.add_argument("--image-size", type=int, default=64, help="scenes: pixels per side")
+    pr.add_argument("--vocab-model", default=None,
+                    help="scenes: also build a tiny LLaVA here whose tokenizer knows the words")
     s = sub.add_parser("show", help="print one rendered sample with its label/candidate masks")
     common(s, model_required=True)
     s.add_argument("--index", type=int, required=True, help="record number in the file (0-based)")
     s.add_argument("--full", action="store_true", help="one row per image token, not one per image")
+    sp = sub.add_parser("split", help="hold out a validation file, by record-id hash")
+    sp.add_argument("--data", required=True, help="a .json or .jsonl data file with record ids")
+    sp.add_argument("--val-fraction", type=float, required=True,
+                    help="fraction held out (0 < F < 1); the same records as data.val_fraction")
+    sp.add_argument("--out", required=True, help="folder for train.<ext> and val.<ext>")
+    sp.add_argument("--overwrite", action="store_true")
     return p
 
 
@@ -100,6 +119,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    if args.name == "scenes":
+        return _prepare_scenes(args)
     from attanchor.data.easyvqa import prepare_easy_vqa
 
     info = prepare_easy_vqa(args.out, val_fraction=args.val_fraction, seed=args.seed,
@@ -107,6 +128,21 @@ def _prepare(args: argparse.Namespace) -> int:
                             max_test_images=args.max_test_images, overwrite=args.overwrite,
                             progress=False)
     print(json.dumps(info, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _prepare_scenes(args: argparse.Namespace) -> int:
+    from attanchor.data.scenes import prepare_scenes, scenes_vocab
+
+    info = prepare_scenes(args.out, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                          image_size=args.image_size, seed=args.seed, progress=False)
+    print(json.dumps(info, indent=2, sort_keys=True))
+    if args.vocab_model:
+        from attanchor.data.tiny import build_tiny_llava
+
+        build_tiny_llava(args.vocab_model, vocab=scenes_vocab(), seed=args.seed,
+                         image_size=args.image_size)
+        print(f"tiny LLaVA for the scenes vocabulary: {args.vocab_model}")
     return 0
 
 
@@ -164,10 +200,29 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    from attanchor.data.split import write_split
+
+    try:
+        info = write_split(args.data, args.val_fraction, args.out, overwrite=args.overwrite)
+    except (BadRecordError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    total = info["train"] + info["val"]
+    print(f"{args.data}: {total} records -> {info['train']} train ({info['train_file']}), "
+          f"{info['val']} val ({info['val_file']})")
+    src, out = Path(args.data).resolve().parent, Path(args.out).resolve()
+    if src != out:  # the data module's default image root is each data file's folder
+        print(f"note: image paths stay relative to {src}; give image_root={src} "
+              "(or --image-root) when you use the new files")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``attanchor data ...``; returns the exit code."""
     args = _parser().parse_args(argv)
-    return {"validate": _validate, "prepare": _prepare, "show": _show}[args.command](args)
+    return {"validate": _validate, "prepare": _prepare, "show": _show,
+            "split": _split}[args.command](args)
 
 
 if __name__ == "__main__":

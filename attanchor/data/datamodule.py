@@ -32,6 +32,7 @@ from attanchor.data.formats import (
     resolve_image,
 )
 from attanchor.data.render import SCOPES, RenderedSample, Renderer
+from attanchor.data.split import split_mask
 from attanchor.data.templates import NAMED_TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,17 @@ class RecordIndex:
     def __getitem__(self, i: int) -> Conversation:
         a, b = self.offsets[i], self.offsets[i + 1]
         return Conversation.from_dict(json.loads(self.buffer[a:b].tobytes()))
+
+    def subset(self, keep: list[int]) -> RecordIndex:
+        """The records at positions ``keep``, in that order (bytes copied, nothing decoded)."""
+        out = RecordIndex([])
+        starts, ends = self.offsets[keep], self.offsets[np.asarray(keep, dtype=np.int64) + 1]
+        out.offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+        out.offsets[1:] = np.cumsum(ends - starts)
+        if len(keep):
+            out.buffer = np.concatenate([self.buffer[a:b] for a, b in zip(starts, ends,
+                                                                           strict=True)])
+        return out
 
 
 def index_records(path: str | os.PathLike, *, format: str, image_root: str | os.PathLike,
@@ -137,6 +149,14 @@ class VLMDataModule(L.LightningDataModule):
             with its reason to ``rejects_file``, default ``<trainer root>/rejects.jsonl``, and
             raise when a split's skipped fraction exceeds ``max_skip_fraction``).
         image_cache_mb: per-process cache of processed images (workers persist between epochs).
+        global_batch_size: the batch summed over devices and accumulation steps (the papers'
+            figure); None keeps ``batch_size`` per device with no accumulation. Only checked
+            here (a positive int); the CLI derives gradient accumulation from it, the world
+            size and ``batch_size``.
+        val_fraction: with no ``val_file``, the fraction (0 < f < 1) of ``train_file``'s
+            records held out for validation, chosen by a hash of each record's id, so the
+            split is identical across runs, ranks, resumes and file orderings (see
+            ``attanchor.data.split``; ``attanchor data split`` writes the same split to files).
     """
 
     def __init__(self, model_path: str, train_file: str | None = None,
@@ -147,7 +167,8 @@ class VLMDataModule(L.LightningDataModule):
                  seed: int = 0, on_bad_record: str = "error", max_skip_fraction: float = 0.01,
                  scope: str = "image_turn", rejects_file: str | None = None,
                  image_cache_mb: float = 256.0, drop_last: bool = False,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, global_batch_size: int | None = None,
+                 val_fraction: float | None = None) -> None:
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"format={format!r}: allowed are {FORMATS}")
@@ -162,6 +183,18 @@ class VLMDataModule(L.LightningDataModule):
             raise ValueError(f"max_skip_fraction={max_skip_fraction}: must lie in [0, 1]")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError("batch_size and eval_batch_size must be >= 1")
+        if global_batch_size is not None and (isinstance(global_batch_size, bool) or
+                                              not isinstance(global_batch_size, int) or
+                                              global_batch_size < 1):
+            raise ValueError(f"global_batch_size={global_batch_size!r}: must be a positive "
+                             "int (the batch over all devices and accumulation steps) or None")
+        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction!r}: must lie strictly between 0 and "
+                             "1 (the fraction of train_file held out for validation) or be None")
+        if val_fraction is not None and val_file is not None:
+            raise ValueError(f"val_file={val_file!r} and val_fraction={val_fraction} are both "
+                             "given: use the validation file or carve a split from train_file, "
+                             "not both")
         self.save_hyperparameters()
         self.model_path, self.format, self.template = model_path, format, template
         self.files = {"train": train_file, "val": val_file, "test": test_file,
@@ -172,6 +205,7 @@ class VLMDataModule(L.LightningDataModule):
         self.on_bad_record, self.max_skip_fraction = on_bad_record, max_skip_fraction
         self.rejects_file, self.image_cache_mb, self.pin_memory = \
             rejects_file, image_cache_mb, pin_memory
+        self.global_batch_size, self.val_fraction = global_batch_size, val_fraction
         self._processor: Any = None
         self.datasets: dict[str, RenderedDataset] = {}
         self.rejects: dict[str, list[dict[str, str]]] = {}
@@ -194,12 +228,38 @@ class VLMDataModule(L.LightningDataModule):
         return pad
 
     def _root(self, split: str) -> str:
-        return self.image_root or str(Path(self.files[split]).parent)
+        # A val_fraction split takes its validation records, and their images, from train_file.
+        return self.image_root or str(Path(self.files[split] or self.files["train"]).parent)
+
+    def _has(self, split: str) -> bool:
+        """Whether ``split`` has data: its own file, or for val a val_fraction of train_file."""
+        return self.files[split] is not None or (
+            split == "val" and self.val_fraction is not None and self.files["train"] is not None)
 
     def _index(self, split: str) -> None:
-        path = self.files[split]
-        if path is None or split in self.datasets:
+        if split in self.datasets:
             return
+        if self.val_fraction is not None and split in ("train", "val"):
+            self._index_split()
+        elif self.files[split] is not None:
+            self.datasets[split] = self._dataset(split, self._checked(split))
+
+    def _index_split(self) -> None:
+        """train_file -> train and val datasets by record-id hash (``attanchor.data.split``)."""
+        path = self.files["train"]
+        if path is None:
+            raise ValueError(f"val_fraction={self.val_fraction} carves validation out of "
+                             "train_file, but no train_file is given")
+        index = self._checked("train")
+        is_val = split_mask(((c.id, c.id_given) for c in (index[i] for i in range(len(index)))),
+                            self.val_fraction, source=str(path))
+        for split, side in (("train", False), ("val", True)):
+            keep = [i for i, v in enumerate(is_val) if v == side]
+            self.datasets[split] = self._dataset(split, index.subset(keep))
+
+    def _checked(self, split: str) -> RecordIndex:
+        """Read and check ``split``'s file (cached), applying the bad-record policy."""
+        path = self.files[split]
         gen = split == "predict"
         root = self._root(split)
         checker = Renderer(self.processor, template=self.template, scope=self.scope,
@@ -237,11 +297,15 @@ class VLMDataModule(L.LightningDataModule):
                     f"reasons in {self._rejects_path()}; first: {bad[0]}")
         if len(index) == 0:
             raise ValueError(f"{split}: {path} holds no usable record")
+        return index
+
+    def _dataset(self, split: str, index: RecordIndex) -> RenderedDataset:
+        root = self._root(split)
         renderer = Renderer(self.processor, template=self.template, scope=self.scope,
                             max_length=self.max_length, image_root=root,
                             verify_template=False,  # every record was verified just above
                             image_cache_mb=self.image_cache_mb)
-        self.datasets[split] = RenderedDataset(index, renderer, for_generation=gen)
+        return RenderedDataset(index, renderer, for_generation=split == "predict")
 
     def _rejects_path(self) -> Path:
         if self.rejects_file:
@@ -272,7 +336,7 @@ class VLMDataModule(L.LightningDataModule):
     def _loader(self, split: str, *, batch_size: int, padding_side: str,
                 sampler: Any = None) -> DataLoader:
         if split not in self.datasets:
-            if self.files[split] is None:
+            if not self._has(split):
                 raise ValueError(f"no {split} file given ({split}_file)")
             self._index(split)
         return DataLoader(
@@ -294,7 +358,7 @@ class VLMDataModule(L.LightningDataModule):
                             sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.files["val"] is None:
+        if not self._has("val"):
             return []  # Lightning runs no validation loop for an empty list
         return self._loader("val", batch_size=self.eval_batch_size, padding_side="right")
 
@@ -304,3 +368,28 @@ class VLMDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Prompts only (no answer, generation prompt appended), left-padded for generate."""
         return self._loader("predict", batch_size=self.eval_batch_size, padding_side="left")
+
+    # -- render settings in the checkpoint (Lightning stores state_dict() under the class name)
+    def state_dict(self) -> dict[str, Any]:
+        """How prompts were rendered: ``{"template", "scope", "format"}``. Lightning writes it
+        into every checkpoint, so evaluation renders prompts as training did
+        (``attanchor.train.checkpoint.load_anchored``)."""
+        return {"template": self.template, "scope": self.scope, "format": self.format}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume: the stored render settings must be this run's (a run trained half with
+        one template and half with another has no meaning). Raises during fit on a mismatch;
+        validate/test/predict with other settings only warn (evaluating another rendering on
+        purpose is legitimate)."""
+        current = self.state_dict()
+        changed = {k: (state_dict[k], current[k]) for k in current
+                   if k in state_dict and state_dict[k] != current[k]}
+        if not changed:
+            return
+        what = ", ".join(f"data.{k}: checkpoint {old!r}, now {new!r}"
+                         for k, (old, new) in changed.items())
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            raise ValueError(f"resuming with other render settings than the checkpoint's ({what}): "
+                             "pass the checkpoint's values (e.g. --data.template) or start a "
+                             "new run")
+        log.warning("render settings differ from the checkpoint's: %s", what)

@@ -56,19 +56,26 @@ class Turn:
 @dataclass
 class Conversation:
     """A validated record: turns in order and image paths (relative to an image root), one
-    path per ``<image>`` placeholder, in placeholder order."""
+    path per ``<image>`` placeholder, in placeholder order. ``id_given`` is False when the
+    record had no ``id`` of its own and ``id`` is its position (``file:line`` / ``file[i]``),
+    which changes when the file is reordered."""
 
     id: str
     turns: list[Turn]
     images: list[str] = field(default_factory=list)
+    id_given: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "turns": [[t.role, t.text] for t in self.turns],
-                "images": list(self.images)}
+        d = {"id": self.id, "turns": [[t.role, t.text] for t in self.turns],
+             "images": list(self.images)}
+        if not self.id_given:
+            d["id_given"] = False
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Conversation:
-        return cls(id=d["id"], turns=[Turn(r, t) for r, t in d["turns"]], images=list(d["images"]))
+        return cls(id=d["id"], turns=[Turn(r, t) for r, t in d["turns"]], images=list(d["images"]),
+                   id_given=d.get("id_given", True))
 
 
 def validate_conversation(conv: Conversation, *, require_answer: bool = True) -> Conversation:
@@ -132,12 +139,21 @@ def _as_image_list(value: Any, rid: str, key: str) -> list[str]:
     return out
 
 
+def own_record_id(rec: Any) -> str | None:
+    """A raw record's own id as a string (``{"id": 7}`` -> ``"7"``), or None when it has none
+    (or is not a JSON object). The one rule for what a record's id is."""
+    if not isinstance(rec, dict) or rec.get("id") is None:
+        return None
+    return str(rec["id"])
+
+
 def _record_id(rec: Any, fallback_id: str) -> str:
     """The record's own id, else ``fallback_id`` (file:line); a non-object record is bad."""
     if not isinstance(rec, dict):
         raise BadRecordError(fallback_id, f"malformed record: expected a JSON object, got "
                                           f"{type(rec).__name__}")
-    return str(rec["id"]) if rec.get("id") is not None else fallback_id
+    own = own_record_id(rec)
+    return own if own is not None else fallback_id
 
 
 def parse_llava(rec: Any, fallback_id: str, *, require_answer: bool = True) -> Conversation:
@@ -162,7 +178,8 @@ def parse_llava(rec: Any, fallback_id: str, *, require_answer: bool = True) -> C
                                       f"string, got {type(m['value']).__name__}")
         turns.append(Turn(role, m["value"]))
     images = _as_image_list(rec.get("image", rec.get("images")), rid, "image")
-    return validate_conversation(Conversation(rid, turns, images), require_answer=require_answer)
+    return validate_conversation(Conversation(rid, turns, images, own_record_id(rec) is not None),
+                                 require_answer=require_answer)
 
 
 def parse_messages(rec: Any, fallback_id: str, *, require_answer: bool = True) -> Conversation:
@@ -205,11 +222,17 @@ def parse_messages(rec: Any, fallback_id: str, *, require_answer: bool = True) -
                                       f"string or a list of parts, got {type(content).__name__}")
         turns.append(Turn(str(m["role"]), "\n".join(parts)))
     images = _as_image_list(rec.get("images", rec.get("image")), rid, "images")
-    return validate_conversation(Conversation(rid, turns, images), require_answer=require_answer)
+    return validate_conversation(Conversation(rid, turns, images, own_record_id(rec) is not None),
+                                 require_answer=require_answer)
 
 
-def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Yield ``(fallback_id, parsed JSON | BadRecordError)``; JSONL streams line by line."""
+def raw_records(path: Path) -> Iterator[tuple[str, Any, str]]:
+    """Yield ``(fallback_id, parsed JSON | BadRecordError, original line)``, in file order.
+
+    JSONL streams line by line and keeps each record's line verbatim (``attanchor data split``
+    writes it back untouched); a .json array has no per-record text (``""``). A line that is
+    not JSON is yielded as a ``BadRecordError`` naming it; a broken .json file raises.
+    """
     if path.suffix == ".jsonl":
         with path.open("r", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -217,10 +240,10 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
                     continue
                 where = f"{path.name}:{lineno}"
                 try:
-                    yield where, json.loads(line)
+                    yield where, json.loads(line), line.rstrip("\r\n")
                 except json.JSONDecodeError as e:
                     yield where, BadRecordError(where, f"malformed record: invalid JSON ({e.msg} "
-                                                       f"at column {e.colno}); fix the line")
+                                                       f"at column {e.colno}); fix the line"), ""
         return
     try:
         with path.open("r", encoding="utf-8") as f:
@@ -235,7 +258,7 @@ def _raw_records(path: Path) -> Iterator[tuple[str, Any]]:
     if not isinstance(data, list):
         raise BadRecordError(path.name, "a .json data file must hold a list of records")
     for i, rec in enumerate(data):
-        yield f"{path.name}[{i}]", rec
+        yield f"{path.name}[{i}]", rec, ""
 
 
 def read_records(path: str | os.PathLike, format: str = "llava", *, require_answer: bool = True,
@@ -254,7 +277,7 @@ def read_records(path: str | os.PathLike, format: str = "llava", *, require_answ
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     parse = parse_llava if format == "llava" else parse_messages
-    for where, rec in _raw_records(path):
+    for where, rec, _ in raw_records(path):
         try:
             if isinstance(rec, BadRecordError):
                 raise rec

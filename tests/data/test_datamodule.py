@@ -160,7 +160,11 @@ def test_image_root_defaults_to_the_data_folder(world, tmp_path):
 def test_init_arguments_are_checked(world):
     for kw, match in [({"format": "csv"}, "format"), ({"template": "x"}, "template"),
                       ({"on_bad_record": "drop"}, "on_bad_record"), ({"scope": "x"}, "scope"),
-                      ({"max_skip_fraction": 2.0}, "max_skip_fraction")]:
+                      ({"max_skip_fraction": 2.0}, "max_skip_fraction"),
+                      ({"global_batch_size": 0}, "global_batch_size"),
+                      ({"global_batch_size": 8.0}, "global_batch_size"),
+                      ({"val_fraction": 1.0}, "val_fraction"),
+                      ({"val_fraction": 0.1}, "val_file=.* and val_fraction=0.1 are both")]:
         with pytest.raises(ValueError, match=match):
             dm(world, **kw)
 
@@ -213,6 +217,53 @@ def test_init_arguments_are_jsonargparse_friendly():
     p = ArgumentParser()
     p.add_class_arguments(VLMDataModule, "data")
     cfg = p.parse_args(["--data.model_path", "m", "--data.template", "llava-1.5",
-                        "--data.on_bad_record", "skip", "--data.max_length", "64"])
+                        "--data.on_bad_record", "skip", "--data.max_length", "64",
+                        "--data.global_batch_size", "128", "--data.val_fraction", "0.05"])
     assert (cfg.data.template, cfg.data.on_bad_record, cfg.data.max_length) == \
         ("llava-1.5", "skip", 64)
+    assert (cfg.data.global_batch_size, cfg.data.val_fraction) == (128, 0.05)
+    m = VLMDataModule(**cfg.data)
+    assert (m.global_batch_size, m.val_fraction) == (128, 0.05)
+
+
+# sha256 buckets of q0..q19 below 0.1 (see tests/data/test_split.py for the hex prefixes)
+VAL_AT_10 = ["q4", "q7", "q15", "q18", "q19"]
+
+
+def ids_of(ds):
+    return [ds.index[i].id for i in range(len(ds))]
+
+
+def test_val_fraction_holds_out_by_id_hash_in_any_order(world, tmp_path):
+    m = dm(world, val_file=None, val_fraction=0.1)
+    m.setup("fit")
+    assert ids_of(m.datasets["val"]) == VAL_AT_10
+    assert ids_of(m.datasets["train"]) == [f"q{i}" for i in range(20)
+                                           if f"q{i}" not in VAL_AT_10]
+    assert [b["ids"] for b in m.val_dataloader()] == [VAL_AT_10[:4], VAL_AT_10[4:]]
+    # the same records, reversed on disk, image root from the data folder: the same split
+    for i in range(4):
+        Image.open(world / "images" / f"{i}.png").save(tmp_path / f"{i}.png")
+    (tmp_path / "rev.jsonl").write_text("".join(json.dumps(record(i)) + "\n"
+                                                for i in reversed(range(20))))
+    r = dm(world, train_file=str(tmp_path / "rev.jsonl"), val_file=None, image_root=None,
+           val_fraction=0.1)
+    r.setup("validate")  # validation alone still carves the split from train_file
+    assert sorted(ids_of(r.datasets["val"])) == sorted(VAL_AT_10)
+    assert len(r.datasets["train"]) == 15
+
+
+def test_val_fraction_errors(world, tmp_path):
+    with pytest.raises(ValueError, match=r"into 20 training and 0 validation records: no "
+                                         r"validation record is left; raise val_fraction"):
+        dm(world, val_file=None, val_fraction=0.04).setup("fit")  # lowest bucket: q18 0.0457
+    with pytest.raises(ValueError, match=r"into 0 training and 20 validation"):
+        dm(world, val_file=None, val_fraction=0.95).setup("fit")  # highest: q16 0.9117
+    rec = record(3)
+    del rec["id"]
+    (tmp_path / "t.json").write_text(json.dumps([record(0), rec]))
+    with pytest.raises(BadRecordError, match=r"record t.json\[1\]: no 'id' field"):
+        dm(world, train_file=str(tmp_path / "t.json"), val_file=None,
+           val_fraction=0.5).setup("fit")
+    with pytest.raises(ValueError, match="no train_file"):
+        dm(world, train_file=None, val_file=None, val_fraction=0.5).setup("validate")
