@@ -57,18 +57,25 @@ def main(argv: list[str] | None = None) -> int:
         install_project(venv, torch=torch, lmms_eval=lmms_eval)
         pins = venv.freeze()
         pins["pip"] = venv.pip("--version").stdout.split()[1]
+        text = render_lock(pins, header(torch, lmms_eval))
+        previous = args.out.read_text() if args.out.exists() else None
+        # The candidate is in place while the tests run: they check the lock against
+        # pyproject.toml, and that must be the new lock, not the one it replaces.
+        args.out.write_text(text)
         if not args.no_test:
             code, failures, summary = venv.pytest(Path(tmp) / "junit.xml", *FAST_TESTS)
             print(summary)
             if code != 0:
+                if previous is None:
+                    args.out.unlink()
+                else:
+                    args.out.write_text(previous)
                 for f in failures:
                     print(f"FAILED {f.test}: {f.message.strip().splitlines()[0][:200]}")
-                print("lock NOT written: the resolved environment fails the fast tests; "
-                      "`python -m tools.drift` names the package that broke them",
-                      file=sys.stderr)
+                print("lock NOT written (the previous one is back): the resolved environment "
+                      "fails the fast tests; `python -m tools.drift` names the package that "
+                      "broke them", file=sys.stderr)
                 return 1
-    text = render_lock(pins, header(torch, lmms_eval))
-    args.out.write_text(text)
     changed = sorted(k for k in pins if held.get(k) != pins[k])
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}: "
           f"{len(pins)} pins, {len(changed)} changed" + (f" ({', '.join(changed)})" if changed
