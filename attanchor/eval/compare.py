@@ -112,12 +112,20 @@ def compare(recipe_path: str, *, seeds: Sequence[int], strategies: Sequence[str]
             ) -> dict[str, Any]:
     """Train (or reuse) and evaluate every strategy x seed; write the report beside the arms.
 
-    Returns {"summary", "paths", "table", "results", "rank"} (see ``attanchor.eval.report``);
+    Returns {"summary", "paths", "table", "results", "per_question", "rank"} (see
+    ``attanchor.eval.report`` and ``attanchor.eval.stats.per_question_summary``);
     the same on every rank, ``rank`` being this process's (the report is written by rank 0).
     """
     from attanchor.eval.device import resolve_device
     from attanchor.eval.ranks import barrier, broadcast_from_zero, current_world, is_writer
-    from attanchor.eval.report import format_table, summarize_arms, write_report
+    from attanchor.eval.report import (
+        format_per_question,
+        format_table,
+        read_question_scores,
+        summarize_arms,
+        write_report,
+    )
+    from attanchor.eval.stats import per_question_summary
     from attanchor.train.cli import validate_recipe
 
     def say(line: str) -> None:  # once per comparison, not once per process
@@ -129,6 +137,7 @@ def compare(recipe_path: str, *, seeds: Sequence[int], strategies: Sequence[str]
     parsed = validate_recipe(recipe_path, list(overrides))
     image_root = image_root or parsed.data.image_root
     results: dict[str, dict[int, dict[str, float]]] = {}
+    scores: dict[str, dict[str, dict[int, dict[str, float]]]] = {}  # task -> arm -> seed -> id
     curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
     for strategy in strategies:
         for seed in seeds:
@@ -146,14 +155,23 @@ def compare(recipe_path: str, *, seeds: Sequence[int], strategies: Sequence[str]
                                        batch_size=batch_size, device=device)
             results.setdefault(strategy, {})[seed] = metrics
             curves.setdefault(strategy, {})[seed] = loss_curve(arm / "metrics.csv")
+            for task in evals:  # per-question correctness, for the paired per-question stats
+                preds = arm / "eval" / task / "predictions.jsonl"
+                if preds.exists():
+                    scores.setdefault(task, {}).setdefault(strategy, {})[seed] = \
+                        read_question_scores(preds, task)
     out = Path(out_dir) if out_dir else arm_dir(parsed, "x", 0).parent
     baseline = "none" if "none" in strategies else None
     title = f"attanchor comparison: {Path(recipe_path).as_posix()} (seeds {list(seeds)})"
     rank, world = current_world()
-    paths = write_report(out, results, curves, baseline, title=title) if is_writer(rank) \
-        else None
+    paths = write_report(out, results, curves, baseline, title=title, scores=scores) \
+        if is_writer(rank) else None
     paths = broadcast_from_zero(paths, world)
     barrier(world)
     summary = summarize_arms(results, baseline)
-    return {"summary": summary, "paths": paths, "table": format_table(summary),
-            "results": results, "rank": rank}
+    per_question = per_question_summary(scores, baseline)
+    table = format_table(summary)
+    if any(per_question.values()):
+        table += "\n\n" + format_per_question(per_question)
+    return {"summary": summary, "paths": paths, "table": table, "results": results,
+            "per_question": per_question, "rank": rank}

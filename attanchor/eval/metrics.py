@@ -2,17 +2,24 @@
 
 All functions are pure and return fractions in [0, 1] (not percentages).
 
-VQA normalisation (the rules of the official VQA evaluation, applied in this order):
+VQA normalisation: the official VQA evaluation's (``vqaEval.py``; in lmms-eval the steps the
+``vqav2`` task applies with ``EvalAIAnswerProcessor``), reproduced exactly, in this order:
   1. newlines and tabs become spaces; surrounding whitespace is stripped;
   2. punctuation ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``: when the character stands next to
      a space anywhere in the answer, or the answer holds a digit-comma-digit group ("1,000"),
      the character is deleted; otherwise it becomes a space ("red/blue" -> "red blue");
-  3. a period is deleted unless a digit follows it ("3.5" stays, "yes." -> "yes");
+  3. a period is deleted unless a digit follows it ("3.5" stays, "yes." -> "yes"); as in the
+     official script (which passes ``re.UNICODE`` where ``re.sub`` expects its count), at most
+     the first 32 such periods are deleted;
   4. lowercase, split on whitespace; number words "none", "zero" .. "ten" become digits;
-     the articles "a", "an", "the" are dropped; an apostrophe-less contraction gets its
-     apostrophes back ("dont" -> "don't", "couldntve" -> "couldn't've");
+     the articles "a", "an", "the" are dropped; a word found in the official contraction table
+     is replaced ("dont" -> "don't"; the table is used as published, oddities included:
+     "somebody'd" -> "somebodyd", and its capitalised keys "Im", "Ive" never match);
   5. the words are joined with single spaces.
 The apostrophe itself is not punctuation here ("don't" stays as it is), as in the official script.
+``normalize_answer(s, eval_ai=True)`` first applies the extra step lmms-eval's ``textvqa``,
+``ok_vqa`` and ``vizwiz_vqa`` tasks add (``EvalAIAnswerProcessor.word_tokenize``): lowercase,
+delete every "," and "?", and split "'s" off its word ("dog's" -> "dog 's").
 
 POPE (Li et al. 2023, "Evaluating Object Hallucination in Large Vision-Language Models") turns a
 free-form answer into yes/no like this: keep the text before the first period, delete commas,
@@ -29,70 +36,82 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from itertools import combinations
 from typing import Any
 
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
                 "@", "`", ",", "?", "!")
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,+\d")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+# vqaEval.py calls periodStrip.sub("", text, re.UNICODE): re.UNICODE (32) lands in `count`.
+_OFFICIAL_PERIOD_COUNT = int(re.UNICODE)
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
                  "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = frozenset({"a", "an", "the"})
-# Contractions whose apostrophe-free spelling is not itself an English word ("well", "ill",
-# "were", "its", "shed", "lets" are: "we'll", "i'll", "we're", "it's", "she'd", "let's" are
-# left out).
-_CONTRACTIONS = (
-    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't",
-    "don't", "hadn't", "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd",
-    "how'll", "how's", "i'd've", "i'm", "i've", "isn't", "it'd", "it'd've", "it'll", "ma'am",
-    "mightn't", "mightn't've", "might've", "mustn't", "must've", "needn't", "not've",
-    "o'clock", "oughtn't", "shan't", "she'd've", "should've", "shouldn't", "shouldn't've",
-    "somebody'd", "somebody'd've", "somebody'll", "somebody's", "someone'd", "someone'd've",
-    "someone'll", "someone's", "something'd", "something'd've", "something'll", "that's",
-    "there'd", "there'd've", "there're", "there's", "they'd", "they'd've", "they'll", "they're",
-    "they've", "'twas", "wasn't", "we'd've", "we've", "weren't", "what'll", "what're", "what's",
-    "what've", "when's", "where'd", "where's", "where've", "who'd", "who'd've", "who'll",
-    "who's", "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't",
-    "wouldn't've", "y'all", "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll", "you're",
-    "you've",
-)
+# The official VQA evaluation's contraction table, verbatim (vqaEval.py; lmms-eval's
+# EvalAIAnswerProcessor.CONTRACTIONS): keys are looked up after lowercasing, so the capitalised
+# ones never match, and "somebody'd" maps to "somebodyd"; kept so scores match published ones.
+_CONTRACTION_MAP = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
+    "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
+    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
 
 
-def _contraction_map() -> dict[str, str]:
-    """Every spelling of a contraction with some of its apostrophes dropped -> the full form.
+def normalize_answer(s: str, *, eval_ai: bool = False) -> str:
+    """Normalise an answer the way the official VQA evaluation does (module docstring, 1-5).
 
-    "couldn't've" gives "couldnt've", "couldn'tve" and "couldntve"; the full form maps to itself.
-    """
-    table: dict[str, str] = {}
-    for full in _CONTRACTIONS:
-        spots = [i for i, ch in enumerate(full) if ch == "'"]
-        for k in range(1, len(spots) + 1):
-            for dropped in combinations(spots, k):
-                table["".join(ch for i, ch in enumerate(full) if i not in dropped)] = full
-    return table
-
-
-_CONTRACTION_MAP = _contraction_map()
-
-
-def normalize_answer(s: str) -> str:
-    """Normalise an answer the way the VQA evaluation does (module docstring, steps 1-5).
-
-    Invariant: idempotent (normalize_answer(normalize_answer(s)) == normalize_answer(s)).
+    Invariant: the same output as lmms-eval's ``vqav2`` normalisation (``eval_ai=True``: as
+    its ``EvalAIAnswerProcessor()(s)``), checked string by string in tests/eval/test_metrics.py;
+    idempotent for answers with at most 32 periods.
     Examples: "Two dogs." -> "2 dogs"; "The Red-Ball" -> "red ball"; "1,000" -> "1000";
-    "yes, it is" -> "yes it is"; "Dont know" -> "don't know"; "3.5" -> "3.5".
+    "yes, it is" -> "yes it is"; "Dont know" -> "don't know"; "3.5" -> "3.5";
+    with eval_ai=True: "red,blue" -> "redblue", "dog's" -> "dog 's".
     """
     if not isinstance(s, str):
         raise TypeError(f"normalize_answer expects a str, got {type(s).__name__}: {s!r}")
-    text = s.replace("\n", " ").replace("\t", " ").strip()
-    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+    text = s
+    if eval_ai:
+        text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    # Whether a character is deleted or spaced is decided on the text as it was before any
+    # punctuation was touched, as in the official script.
+    original = text
+    delete_all = _DIGIT_COMMA_DIGIT.search(original) is not None
     for p in _PUNCTUATION:
-        if delete_all or (p + " ") in text or (" " + p) in text:
+        if delete_all or (p + " ") in original or (" " + p) in original:
             text = text.replace(p, "")
         else:
             text = text.replace(p, " ")
-    text = _PERIOD_NOT_BEFORE_DIGIT.sub("", text)
+    text = _PERIOD_NOT_BEFORE_DIGIT.sub("", text, count=_OFFICIAL_PERIOD_COUNT)
     words = []
     for word in text.lower().split():
         word = _NUMBER_WORDS.get(word, word)
@@ -111,13 +130,13 @@ def _one_vqa_score(pred: str, refs: Sequence[str], average_subsets: bool) -> flo
     return sum(min((total - int(m)) / 3.0, 1.0) for m in matches) / len(matches)
 
 
-def vqa_accuracy(
+def vqa_scores(
     predictions: Sequence[str],
     references: Sequence[str | Sequence[str]],
     *,
     average_subsets: bool = True,
-) -> float:
-    """Mean VQA accuracy of `predictions` against `references`, in [0, 1].
+) -> list[float]:
+    """Per-question VQA accuracy of `predictions` against `references`, each in [0, 1].
 
     A reference is either one string (score 1 when the normalised prediction equals the
     normalised reference, else 0) or a list of human answers (VQAv2 has 10 per question).
@@ -127,7 +146,7 @@ def vqa_accuracy(
     m=0 -> 0, m=1 -> 0.3, m=2 -> 0.6, m=3 -> 0.9, m>=4 -> 1; ``average_subsets=False``:
     min(m / 3, 1) (m=1 -> 1/3, m=3 -> 1).
 
-    Example: vqa_accuracy(["Two", "red"], ["2", "blue"]) == 0.5.
+    Example: vqa_scores(["Two", "red"], ["2", "blue"]) == [1.0, 0.0].
     """
     if len(predictions) != len(references):
         raise ValueError(f"vqa_accuracy: {len(predictions)} predictions but "
@@ -144,6 +163,20 @@ def vqa_accuracy(
         else:
             raise ValueError(f"vqa_accuracy: reference {i} is {ref!r}; expected a string or a "
                              "non-empty list of strings")
+    return scores
+
+
+def vqa_accuracy(
+    predictions: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    *,
+    average_subsets: bool = True,
+) -> float:
+    """Mean of ``vqa_scores`` (same arguments), in [0, 1].
+
+    Example: vqa_accuracy(["Two", "red"], ["2", "blue"]) == 0.5.
+    """
+    scores = vqa_scores(predictions, references, average_subsets=average_subsets)
     return sum(scores) / len(scores)
 
 
@@ -199,6 +232,8 @@ def _binary_metrics(preds: list[str | None], labels: list[str]) -> dict[str, flo
         "recall": recall,
         "f1": f1,
         "yes_ratio": (tp + fp) / n,
+        # lmms-eval's "pope_yes_ratio" is this one (the share of yes *labels*), not POPE's.
+        "label_yes_ratio": positives / n,
         "n": n, "tp": tp, "fp": fp, "tn": tn, "fn": fn, "unparsed": unparsed,
     }
 
@@ -216,7 +251,8 @@ def pope_metrics(
 
     Returns accuracy = (tp + tn) / n, precision = tp / (tp + fp) (0 when nothing was answered
     yes), recall = tp / #yes-labels, f1 (0 when precision + recall = 0), yes_ratio = #yes answers
-    / n, and the counts n, tp, fp, tn, fn, unparsed. An unparsed answer (None) is wrong: it
+    / n (POPE's definition: the share of answers that are yes), label_yes_ratio = #yes-labels /
+    n (what lmms-eval reports as pope_yes_ratio), and the counts n, tp, fp, tn, fn, unparsed. An unparsed answer (None) is wrong: it
     counts in n (so it lowers accuracy), lowers recall when the label is yes, and is neither a
     tp, fp, tn nor fn. With `categories`, "per_category" maps each category (sorted) to the same
     dict of its items.
@@ -246,3 +282,31 @@ def pope_metrics(
         out["per_category"] = per
     return out
 
+
+
+def pope_correct(predictions: Sequence[str | None], labels: Sequence[str | bool]) -> list[float]:
+    """Per-question POPE correctness, 1.0 or 0.0, read exactly as ``pope_metrics`` reads it
+    (``parse_yes_no``; None or an unparsed answer is wrong): its mean is pope_metrics' accuracy.
+
+    Example: pope_correct(["Yes.", "no", None], ["yes", "yes", "no"]) == [1.0, 0.0, 0.0].
+    """
+    if len(predictions) != len(labels):
+        raise ValueError(f"pope_correct: {len(predictions)} predictions but {len(labels)} "
+                         "labels")
+    out = []
+    for i, (p, y) in enumerate(zip(predictions, labels, strict=True)):
+        if p is not None and not isinstance(p, str):
+            raise ValueError(f"pope_correct: prediction {i} is {p!r}; expected a str or None")
+        out.append(float(p is not None and parse_yes_no(p) == _label(y, i)))
+    return out
+
+
+def question_scores(task: str, predictions: Sequence[str | None],
+                    answers: Sequence[Any]) -> list[float]:
+    """Per-question scores in [0, 1] whose mean is the task's accuracy: ``pope_correct`` for
+    "pope", ``vqa_scores`` for "vqa" (fractional with several human answers)."""
+    if task == "pope":
+        return pope_correct(predictions, answers)
+    if task == "vqa":
+        return vqa_scores(predictions, answers)  # type: ignore[arg-type]
+    raise ValueError(f"question_scores: task={task!r}; expected 'pope' or 'vqa'")

@@ -3,8 +3,10 @@
 Arms (strategies) are compared to a baseline arm seed by seed: seed k of an arm and seed k of the
 baseline share data order and initialisation, so their difference is one paired observation.
 With n paired seeds the confidence interval of the mean difference uses Student's t with n - 1
-degrees of freedom. Its quantile is computed here (no scipy): the t CDF through the regularised
-incomplete beta function (continued fraction), inverted by bisection to 1e-12.
+degrees of freedom (``attanchor.eval.stats``). When per-question scores are given (every arm
+answers the same questions), the report adds the per-question statistics of
+``attanchor.eval.stats``: per seed exact McNemar and a paired bootstrap CI, across seeds a
+cluster bootstrap CI, the minimum detectable effect and the seeds a 2-point effect would need.
 
 Input shapes: ``results[arm][seed][metric] -> float`` and ``curves[arm][seed] -> [(step, loss)]``.
 Seeds may be ints or strings; they are compared and stored as strings ("0", "1", ...).
@@ -18,121 +20,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# ----------------------------------------------------------------------- Student's t quantile
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz), x < (a+1)/(a+b+2)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-16:
-            return h
-    raise ArithmeticError(f"incomplete beta did not converge for a={a}, b={b}, x={x}")
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with `df` > 0 degrees of freedom. Example: cdf(0, 3) == 0.5."""
-    if df <= 0:
-        raise ValueError(f"student_t_cdf: df={df} must be > 0")
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-    return 1.0 - tail if t > 0 else tail
-
-
-def student_t_quantile(p: float, df: float) -> float:
-    """The t with P(T <= t) = p, for 0 < p < 1 and df > 0, to 1e-12 (bisection on the CDF).
-
-    Examples: quantile(0.975, 1) = tan(0.475 pi) = 12.7062; quantile(0.975, 9) = 2.2622.
-    """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"student_t_quantile: p={p} must lie in (0, 1)")
-    if p == 0.5:
-        return 0.0
-    if p < 0.5:
-        return -student_t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while student_t_cdf(hi, df) < p:
-        lo, hi = hi, hi * 2.0
-    while hi - lo > 1e-12 * max(1.0, hi):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if student_t_cdf(mid, df) < p else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-# ---------------------------------------------------------------------------- paired statistics
-
-
-def _check_values(name: str, values: Sequence[float]) -> list[float]:
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise ValueError(f"{name}[{i}] = {v!r}: every value must be a finite number")
-        out.append(float(v))
-    return out
-
-
-def paired_difference(baseline: Sequence[float], arm: Sequence[float],
-                      confidence: float = 0.95) -> dict[str, Any]:
-    """Mean of (arm - baseline) over paired observations, its sd and a Student-t CI.
-
-    Returns n, mean_baseline, mean_arm, mean_diff, sd_diff (sample sd, n - 1 in the
-    denominator), se (= sd_diff / sqrt(n)), t_quantile (the (1 + confidence) / 2 quantile with
-    n - 1 df), ci_low, ci_high (mean_diff -+ t_quantile * se), p_value (two-sided paired t-test),
-    confidence. With n = 1 no spread can be estimated: sd_diff, se, t_quantile, ci_low, ci_high
-    and p_value are None. With sd_diff = 0 the CI is the single point mean_diff and p_value is
-    None (the t statistic is undefined).
-
-    Example: baseline [0.5, 0.6], arm [0.6, 0.8] -> diffs [0.1, 0.2], mean_diff 0.15,
-    sd_diff 0.0707, se 0.05, t_quantile 12.706, CI [-0.485, 0.785].
-    """
-    if len(baseline) != len(arm):
-        raise ValueError(f"paired_difference: {len(baseline)} baseline values but {len(arm)} "
-                         "arm values; pair them seed by seed")
-    if not baseline:
-        raise ValueError("paired_difference: no values")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"paired_difference: confidence={confidence} must lie in (0, 1)")
-    base = _check_values("baseline", baseline)
-    other = _check_values("arm", arm)
-    n = len(base)
-    diffs = [o - b for b, o in zip(base, other, strict=True)]
-    mean = sum(diffs) / n
-    out: dict[str, Any] = {
-        "n": n, "mean_baseline": sum(base) / n, "mean_arm": sum(other) / n, "mean_diff": mean,
-        "sd_diff": None, "se": None, "t_quantile": None, "ci_low": None, "ci_high": None,
-        "p_value": None, "confidence": confidence,
-    }
-    if n < 2:
-        return out
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    se = sd / math.sqrt(n)
-    t_q = student_t_quantile(0.5 + confidence / 2.0, n - 1)
-    out.update(sd_diff=sd, se=se, t_quantile=t_q, ci_low=mean - t_q * se, ci_high=mean + t_q * se)
-    if se > 0:
-        out["p_value"] = 2.0 * (1.0 - student_t_cdf(abs(mean) / se, n - 1))
-    return out
+from attanchor.eval.stats import (
+    check_values,
+    paired_difference,
+    per_question_summary,
+    student_t_quantile,
+)
 
 
 def _seed_key(seed: str) -> tuple[int, int | str]:
@@ -156,7 +49,7 @@ def _normalise_results(results: Mapping[str, Mapping[Any, Mapping[str, float]]]
                                  f"{type(metrics).__name__}; flatten nested dicts with "
                                  "flatten_metrics")
             for name, v in metrics.items():
-                _check_values(f"results[{arm!r}][{seed!r}][{name!r}]", [v])
+                check_values(f"results[{arm!r}][{seed!r}][{name!r}]", [v])
             out[str(arm)][str(seed)] = {str(k): float(v) for k, v in metrics.items()}
     return out
 
@@ -307,7 +200,7 @@ def _caveats(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _markdown(summary: dict[str, Any], title: str) -> str:
+def _markdown(summary: dict[str, Any], title: str, per_question: dict[str, Any]) -> str:
     out = [f"# {title}", "",
            f"Arms: {', '.join(summary['arms'])}. Baseline: {summary['baseline_arm']}. Seeds: "
            + "; ".join(f"{a}: {', '.join(s)}" for a, s in summary["seeds"].items()) + ".",
@@ -323,7 +216,96 @@ def _markdown(summary: dict[str, Any], title: str) -> str:
                 "|" + "---|" * len(header)]
         out += ["| " + " | ".join(_row(a, per_arm[a])) + " |" for a in per_arm]
         out.append("")
+    out += _per_question_md(per_question, summary["confidence"])
     return "\n".join(out)
+
+
+def read_question_scores(predictions_jsonl: str | Path, task: str) -> dict[str, float]:
+    """{question id: score} from an ``evaluate`` predictions.jsonl (rows with "id",
+    "prediction", "answer"), scored by ``attanchor.eval.metrics.question_scores`` exactly as
+    the task's accuracy is (their mean is it)."""
+    from attanchor.eval.metrics import question_scores
+
+    path = Path(predictions_jsonl)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    for k, row in enumerate(rows):
+        missing = [key for key in ("id", "prediction", "answer") if key not in row]
+        if missing:
+            raise ValueError(f"{path} line {k + 1}: no {missing}; expected the rows "
+                             "attanchor.eval.evaluate writes")
+    ids = [str(r["id"]) for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: question ids repeat; every id must be unique")
+    got = question_scores(task, [r["prediction"] for r in rows], [r["answer"] for r in rows])
+    return dict(zip(ids, got, strict=True))
+
+
+def _ci(d: dict[str, Any] | None) -> str:
+    return "-" if d is None else f"[{_fmt(d['ci_low'], True)}, {_fmt(d['ci_high'], True)}]"
+
+
+def _per_question_rows(pq: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for arm, e in pq.items():
+        for s, r in e["per_seed"].items():
+            m = r["mcnemar"]
+            rows.append([arm, s, _fmt(r["accuracy_baseline"]), _fmt(r["accuracy_arm"]),
+                         _fmt(r["mean_diff"], True), "-" if m is None else str(m["b"]),
+                         "-" if m is None else str(m["c"]),
+                         "-" if m is None else f"{m['p_value']:.4g}", _ci(r["bootstrap"])])
+        if e["cluster"] is not None:
+            rows.append([arm, "all (cluster)", "", "", _fmt(e["cluster"]["mean_diff"], True),
+                         "", "", "", _ci(e["cluster"])])
+    return rows
+
+
+def _design_note(arm: str, d: dict[str, Any]) -> str:
+    head = (f"{arm}: with {d['n_seeds']} seed{'s' if d['n_seeds'] > 1 else ''} x "
+            f"{d['n_questions']} questions (discordance rate {d['discordance_rate']:.3f}) the "
+            f"minimum detectable effect at alpha {d['alpha']:g}, power {d['power']:g} is ")
+    if d["no_spread"]:
+        return head + ("unknown: the score difference is the same on every question (identical "
+                       "answers?), so there is no spread to size an effect against.")
+    if d["mde"] is None:
+        return head + "unknown (one question)."
+    head += f"{100 * d['mde']:.1f} points; "
+    if d["seeds_for_target"] is not None:
+        return head + (f"a {100 * d['target']:g}-point effect would need "
+                       f"{d['seeds_for_target']} seeds.")
+    if d["n_seeds"] < 2:
+        return head + f"seeds for {100 * d['target']:g} points: unknown (run 2 or more seeds)."
+    return head + (f"no number of seeds reaches {100 * d['target']:g} points: the question "
+                   "sample alone is too noisy; more questions are needed.")
+
+
+def _per_question_md(per_question: dict[str, Any], confidence: float) -> list[str]:
+    header = ["arm", "seed", "baseline acc", "arm acc", "diff", "b", "c", "McNemar p",
+              f"{100 * confidence:g}% bootstrap CI"]
+    out = []
+    for task, pq in per_question.items():
+        if not pq:
+            continue
+        out += [f"## {task}: per-question statistics", "",
+                "Same questions for every arm. b = questions the baseline gets right and the "
+                "arm wrong, c = the reverse; McNemar p: exact two-sided binomial test of c out "
+                "of b + c. Bootstrap CI: questions resampled (per seed); the cluster row "
+                "resamples seeds and questions together.", "",
+                "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        out += ["| " + " | ".join(r) + " |" for r in _per_question_rows(pq)]
+        out += [""] + [f"- {_design_note(arm, e['design'])}" for arm, e in pq.items()
+                       if e["design"] is not None] + [""]
+    return out
+
+
+def format_per_question(per_question: dict[str, Any]) -> str:
+    """A plain-text version of the report's per-question tables and design notes."""
+    lines = []
+    for task, pq in per_question.items():
+        for r in _per_question_rows(pq):
+            lines.append(f"{task}  " + "  ".join(c for c in r if c))
+        lines += [f"{task}  {_design_note(arm, e['design'])}" for arm, e in pq.items()
+                  if e["design"] is not None]
+    return "\n".join(lines)
 
 
 def _check_curves(curves: Mapping[str, Mapping[Any, Sequence[Sequence[float]]]]) -> None:
@@ -385,24 +367,34 @@ def write_report(out_dir: str | Path,
                  curves: Mapping[str, Mapping[Any, Sequence[Sequence[float]]]],
                  baseline_arm: str | None = "none", *, confidence: float = 0.95,
                  metrics: Sequence[str] | None = None,
-                 title: str = "attanchor comparison") -> dict[str, Path]:
+                 title: str = "attanchor comparison",
+                 scores: Mapping[str, Mapping[str, Mapping[Any, Mapping[Any, float]]]]
+                 | None = None, n_boot: int = 2000) -> dict[str, Path]:
     """Write report.md, report.png and metrics.json into `out_dir`; return their paths.
 
     report.md: per metric, mean ± sd per arm, the per-seed values and the paired difference to
     the baseline with its CI and p-value, under notes on how wide the CI is for this n (none
     for n = 1) and on any missing or unpaired seeds. report.png: the loss curves of every arm
     and seed, and one bar panel per metric (mean, sd error bar, per-seed dots). metrics.json:
-    {"summary": summarize_arms(...), "results": the input results with string seeds}.
+    {"summary": summarize_arms(...), "results": the input results with string seeds,
+    "per_question": per_question_summary(...)} ({} without `scores` or baseline).
+    `scores[task][arm][seed][question_id]`: per-question scores (``read_question_scores``);
+    with them report.md gains, per task, the per-seed McNemar p and paired bootstrap CI, the
+    cluster bootstrap CI across seeds, the minimum detectable effect and the seeds needed for
+    a 2-point effect (``attanchor.eval.stats``).
     Keys of the returned dict: "report_md", "report_png", "metrics_json".
     """
     summary = summarize_arms(results, baseline_arm, confidence, metrics)
+    per_question = per_question_summary(scores or {}, baseline_arm, confidence=confidence,
+                                        n_boot=n_boot)
     _check_curves(curves)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"report_md": out / "report.md", "report_png": out / "report.png",
              "metrics_json": out / "metrics.json"}
-    paths["report_md"].write_text(_markdown(summary, title))
+    paths["report_md"].write_text(_markdown(summary, title, per_question))
     _plot(summary, curves, paths["report_png"])
-    payload = {"summary": summary, "results": _normalise_results(results)}
+    payload = {"summary": summary, "results": _normalise_results(results),
+               "per_question": per_question}
     paths["metrics_json"].write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return paths

@@ -8,15 +8,8 @@ import math
 import pytest
 from PIL import Image
 
-from attanchor.eval.report import (
-    flatten_metrics,
-    format_table,
-    paired_difference,
-    student_t_cdf,
-    student_t_quantile,
-    summarize_arms,
-    write_report,
-)
+from attanchor.eval.report import flatten_metrics, format_table, summarize_arms, write_report
+from attanchor.eval.stats import paired_difference, student_t_cdf, student_t_quantile
 
 
 @pytest.mark.parametrize("p", [0.6, 0.9, 0.975, 0.995])
