@@ -1,8 +1,8 @@
 """The `attanchor` command: one entry point, each subcommand owned by its package.
 
-`fit|validate|test` (LightningCLI), `export` and `reproduce` live in attanchor.train; `data ...` in
-attanchor.data; `eval|compare|demo|calibrate|visualize` in attanchor.eval. Imports happen
-per subcommand so `attanchor data ...` does not pay for Lightning.
+`fit|validate|test` (LightningCLI), `export`, `reproduce` and `recipes` live in attanchor.train;
+`data ...` in attanchor.data; `eval|compare|demo|calibrate|visualize` in attanchor.eval. Imports
+happen per subcommand so `attanchor data ...` does not pay for Lightning.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ USAGE = """usage: attanchor <command> [args]
 
 commands:
   fit | validate | test   train / evaluate from a recipe (LightningCLI): --config recipes/X.yaml
+                          or a shipped recipe's name: --config demo/anchored
+  recipes                 list | copy NAME DIR: the recipes shipped with the package
   reproduce               re-run a finished run from its config.yaml and compare metrics,
                           weights and package versions with the original
   export                  write a Hugging Face model directory from a checkpoint
@@ -31,12 +33,13 @@ COMMANDS = {
     "fit": "attanchor.train.cli", "validate": "attanchor.train.cli", "test": "attanchor.train.cli",
     "export": "attanchor.train.export_cmd",
     "reproduce": "attanchor.train.reproduce",
+    "recipes": "attanchor.train.recipes_cmd",
     "data": "attanchor.data.cli",
     "eval": "attanchor.eval.cli", "compare": "attanchor.eval.cli", "demo": "attanchor.eval.cli",
     "calibrate": "attanchor.eval.cli", "visualize": "attanchor.eval.cli",
 }
 # Commands whose module's main() takes the argv *without* the command word.
-STRIP_COMMAND = {"data", "export", "reproduce"}
+STRIP_COMMAND = {"data", "export", "reproduce", "recipes"}
 
 
 def main(argv: list[str] | None = None) -> int:

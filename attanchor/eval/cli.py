@@ -103,9 +103,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=".", help="where data/, models/ and runs/ go")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1])
     p.add_argument("--strategies", type=_csv(str), default=["none", "text_into_image", "random"])
-    p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("--adapt-steps", type=int, default=None)
-    p.add_argument("--eval-limit", type=int, default=None)
+    # Defaults (None) are demo.py's PRETRAIN_STEPS / ADAPT_STEPS / EVAL_LIMIT; tiny values make
+    # a smoke run (tests/test_install.py runs 2 / 2 / 4).
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="steps of the baseline pre-training (default: the demo's, see README)")
+    p.add_argument("--adapt-steps", type=int, default=None,
+                   help="LoRA adaptation steps of every arm (default: the demo's)")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="evaluate each arm on the first N questions (default: the demo's)")
 
     p = sub.add_parser("calibrate", help="best-match similarity histogram + tau for a fraction")
     p.add_argument("--config", required=True)

@@ -17,13 +17,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import attanchor
+from attanchor.train.recipe import recipes_dir
 
-RECIPES = Path(attanchor.__file__).resolve().parent.parent / "recipes" / "demo"
 # Sized for under 10 minutes on 2 CPU cores (measured in the README).
 PRETRAIN_STEPS = 1500
 ADAPT_STEPS = 300
 EVAL_LIMIT = 400
+
+
+def demo_recipes() -> Path:
+    """The demo's recipes (anchored.yaml, pretrain.yaml, ...): shipped in the package, so the
+    demo runs from any directory of a wheel install as well as from a checkout."""
+    return recipes_dir() / "demo"
 
 
 def _paths(workdir: Path) -> dict[str, Path]:
@@ -52,8 +57,9 @@ def pretrain(p: dict[str, Path], steps: int, log=print) -> Path:
 
         build_tiny_llava(p["init"], seed=0)
     log(f"[demo] pre-training the tiny model for {steps} steps (baseline, full fine-tune)")
-    cli = build_cli(["fit", "--config", str(RECIPES / "pretrain.yaml"), *_data_overrides(p),
-                     "--model.model_path", str(p["init"]), "--trainer.max_steps", str(steps)])
+    cli = build_cli(["fit", "--config", str(demo_recipes() / "pretrain.yaml"),
+                     *_data_overrides(p), "--model.model_path", str(p["init"]),
+                     "--trainer.max_steps", str(steps)])
     ckpt = Path(cli.trainer.checkpoint_callback.best_model_path or
                 cli.trainer.checkpoint_callback.last_model_path)
     _finish_wandb()
@@ -83,9 +89,10 @@ def run_demo(workdir: str | Path = ".", seeds: Sequence[int] = (0, 1),
     from attanchor.data.easyvqa import prepare_easy_vqa
     from attanchor.eval.compare import compare
 
-    if not (RECIPES / "anchored.yaml").exists():
-        raise FileNotFoundError(f"the demo recipes are not at {RECIPES}: run the demo from a "
-                                "source checkout installed with `pip install -e .`")
+    recipes = demo_recipes()
+    if not (recipes / "anchored.yaml").is_file():
+        raise FileNotFoundError(f"the demo recipes are not at {recipes}: the installation is "
+                                "incomplete; reinstall attanchor")
     t0 = time.perf_counter()
     p = _paths(Path(workdir))
     log(f"[demo] preparing easy-vqa in {p['data']}")
@@ -94,7 +101,7 @@ def run_demo(workdir: str | Path = ".", seeds: Sequence[int] = (0, 1),
     t1 = time.perf_counter()
     limit = eval_limit or EVAL_LIMIT
     res = compare(
-        str(RECIPES / "anchored.yaml"), seeds=list(seeds), strategies=list(strategies),
+        str(recipes / "anchored.yaml"), seeds=list(seeds), strategies=list(strategies),
         evals={"pope": str(p["data"] / "pope.jsonl"), "vqa": str(p["data"] / "vqa_test.json")},
         image_root=str(p["data"] / "images"), limit=limit,
         overrides=[*_data_overrides(p), "--model.model_path", str(p["pretrained"]),
