@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 import transformers
+from timing import sync, timed
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from attanchor.anchoring import AnchorConfig, AnchoredVLM
@@ -87,11 +88,6 @@ USER, ASSISTANT = 3, 4  # template tokens around the image and before the answer
 ANCHORED = AnchorConfig(strategy="text_into_image", threshold=None, top_fraction=0.1)
 BASELINE = AnchorConfig(strategy="none")
 BATCH_KEYS = ("input_ids", "pixel_values", "attention_mask", "labels", "candidate_mask")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def image_tokens(shape: dict[str, Any]) -> int:
@@ -228,8 +224,9 @@ def time_generate(model: AnchoredVLM, batches: list[dict[str, Any]], tokens: int
                   pad_id: int, repeats: int, device: torch.device, dtype: torch.dtype
                   ) -> tuple[float, list[int]]:
     """Median seconds to generate ``tokens`` new tokens for every prompt batch; the shape."""
-    def run() -> list[int]:
-        shape: list[int] = []
+    shape: list[int] = []  # (B, T_new) of the last batch, filled by every run
+
+    def run() -> None:
         for cpu_batch in batches:
             b = to_device(cpu_batch, device, dtype, keys=("input_ids", "pixel_values",
                                                           "attention_mask", "candidate_mask"))
@@ -238,18 +235,9 @@ def time_generate(model: AnchoredVLM, batches: list[dict[str, Any]], tokens: int
                                      candidate_mask=b["candidate_mask"], max_new_tokens=tokens,
                                      min_new_tokens=tokens, do_sample=False,
                                      pad_token_id=pad_id, eos_token_id=EOS)
-            shape = list(new.shape)  # (B, T_new)
-        return shape
+            shape[:] = new.shape
 
-    shape = run()  # warm-up: kernels, allocator, caches
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), shape
+    return timed(run, device, repeats), shape
 
 
 def sync_debug(model: AnchoredVLM, batch: dict[str, Any], device: torch.device,

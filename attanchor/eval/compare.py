@@ -164,12 +164,12 @@ def compare(recipe_path: str, *, seeds: Sequence[int], strategies: Sequence[str]
     baseline = "none" if "none" in strategies else None
     title = f"attanchor comparison: {Path(recipe_path).as_posix()} (seeds {list(seeds)})"
     rank, world = current_world()
-    paths = write_report(out, results, curves, baseline, title=title, scores=scores) \
-        if is_writer(rank) else None
+    per_question = per_question_summary(scores, baseline)  # once: the report and the table
+    paths = write_report(out, results, curves, baseline, title=title,
+                         per_question=per_question) if is_writer(rank) else None
     paths = broadcast_from_zero(paths, world)
     barrier(world)
     summary = summarize_arms(results, baseline)
-    per_question = per_question_summary(scores, baseline)
     table = format_table(summary)
     if any(per_question.values()):
         table += "\n\n" + format_per_question(per_question)

@@ -369,7 +369,8 @@ def write_report(out_dir: str | Path,
                  metrics: Sequence[str] | None = None,
                  title: str = "attanchor comparison",
                  scores: Mapping[str, Mapping[str, Mapping[Any, Mapping[Any, float]]]]
-                 | None = None, n_boot: int = 2000) -> dict[str, Path]:
+                 | None = None, n_boot: int = 2000,
+                 per_question: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write report.md, report.png and metrics.json into `out_dir`; return their paths.
 
     report.md: per metric, mean ± sd per arm, the per-seed values and the paired difference to
@@ -381,12 +382,14 @@ def write_report(out_dir: str | Path,
     `scores[task][arm][seed][question_id]`: per-question scores (``read_question_scores``);
     with them report.md gains, per task, the per-seed McNemar p and paired bootstrap CI, the
     cluster bootstrap CI across seeds, the minimum detectable effect and the seeds needed for
-    a 2-point effect (``attanchor.eval.stats``).
+    a 2-point effect (``attanchor.eval.stats``). ``per_question``: that summary when the caller
+    has computed it already (compare prints it too), instead of recomputing it from ``scores``.
     Keys of the returned dict: "report_md", "report_png", "metrics_json".
     """
     summary = summarize_arms(results, baseline_arm, confidence, metrics)
-    per_question = per_question_summary(scores or {}, baseline_arm, confidence=confidence,
-                                        n_boot=n_boot)
+    if per_question is None:
+        per_question = per_question_summary(scores or {}, baseline_arm, confidence=confidence,
+                                            n_boot=n_boot)
     _check_curves(curves)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -80,28 +80,39 @@ def find_recipe(name: str, root: Path | None = None) -> Path:
                      "`attanchor recipes list` lists them all")
 
 
-def extends_chain(path: str | Path) -> list[Path]:
-    """``path`` and every file it ``extends``, transitively, child first (resolved paths).
+def _load_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """``(resolved path, its mapping without 'extends')`` for ``path`` and every file it
+    ``extends``, transitively, child first. Each file is read once.
 
-    Raises ValueError as resolve_recipe does (cycle, missing file, non-mapping, bad extends).
+    Raises ValueError for a cycle, a missing file, a file that is not a mapping, or an
+    ``extends`` that is not one relative path.
     """
-    chain: list[Path] = []
+    chain: list[tuple[Path, dict[str, Any]]] = []
     current: Path | None = Path(path).resolve()
     while current is not None:
-        if current in chain:
-            cycle = " -> ".join(str(p) for p in (*chain, current))
+        seen = [p for p, _ in chain]
+        if current in seen:
+            cycle = " -> ".join(str(p) for p in (*seen, current))
             raise ValueError(f"recipe: 'extends' cycle: {cycle}")
         if not current.is_file():
             raise ValueError(f"recipe: {current} does not exist")
         data = yaml.safe_load(current.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"recipe: {current} must hold a mapping, got {type(data).__name__}")
-        chain.append(current)
-        parent = data.get(EXTENDS)
+        parent = data.pop(EXTENDS, None)
         if parent is not None and not isinstance(parent, str):
             raise ValueError(f"recipe: {current}: 'extends' must be one relative path")
+        chain.append((current, data))
         current = None if parent is None else (current.parent / parent).resolve()
     return chain
+
+
+def extends_chain(path: str | Path) -> list[Path]:
+    """``path`` and every file it ``extends``, transitively, child first (resolved paths).
+
+    Raises ValueError as resolve_recipe does (cycle, missing file, non-mapping, bad extends).
+    """
+    return [p for p, _ in _load_chain(path)]
 
 
 def describe_recipe(path: str | Path, width: int = 100) -> str:
@@ -145,30 +156,20 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-def resolve_recipe(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Load a recipe and everything it extends into one mapping.
+def resolve_recipe(path: str | Path) -> dict[str, Any]:
+    """Load a recipe and everything it extends into one mapping (a child overrides its parent,
+    ``deep_merge``).
 
     ``path`` may also be a shipped recipe's name (``demo/anchored``) when no such file exists;
     ``extends`` targets are always paths. Raises ValueError for a cycle, a missing file or
     unknown name, or a file that is not a mapping.
     """
-    if not _seen and not Path(path).is_file():
+    if not Path(path).is_file():
         path = find_recipe(str(path))
-    path = Path(path).resolve()
-    if path in _seen:
-        chain = " -> ".join(str(p) for p in (*_seen, path))
-        raise ValueError(f"recipe: 'extends' cycle: {chain}")
-    if not path.is_file():
-        raise ValueError(f"recipe: {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"recipe: {path} must hold a mapping, got {type(data).__name__}")
-    parent = data.pop(EXTENDS, None)
-    if parent is None:
-        return data
-    if not isinstance(parent, str):
-        raise ValueError(f"recipe: {path}: 'extends' must be one relative path")
-    return deep_merge(resolve_recipe(path.parent / parent, (*_seen, path)), data)
+    merged: dict[str, Any] = {}
+    for _, data in reversed(_load_chain(path)):  # the root first, each child over it
+        merged = deep_merge(merged, data)
+    return merged
 
 
 def expand_config_args(argv: list[str]) -> list[str]:

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.train.test_zero3_memory import REPO, _file_key, _status, build_model_dir, fit_measured
+from tests.train.test_zero3_memory import (
+    _file_key,
+    _status,
+    build_model_dir,
+    fit_measured,
+    run_two_ranks,
+)
 
 
 def _worker(model_dir: str, out: Path) -> None:
@@ -58,16 +61,7 @@ def _worker(model_dir: str, out: Path) -> None:
 def test_fsdp_other_ranks_build_on_meta_and_receive_rank_zeros_weights(tmp_path):
     model_dir, n_params = build_model_dir(tmp_path / "model")
     full_copy = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("MASTER_PORT", None)
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "tests.train.test_fsdp_meta", "--model",
-                           str(model_dir), "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_two_ranks("tests.train.test_fsdp_meta", model_dir, tmp_path / "out")
     mb = 1 << 20
     print(f"\nFSDP load, 2 CPU processes: {n_params / 1e6:.1f}M parameters, one full copy "
           f"{full_copy / mb:.0f} MiB")

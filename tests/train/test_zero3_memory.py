@@ -143,21 +143,26 @@ def fit_measured(model_dir: str, strategy, callback) -> None:
     trainer.fit(module, DataLoader(samples, batch_size=1))
 
 
+def run_two_ranks(module: str, model_dir: Path, out: Path) -> list[dict]:
+    """Run ``python -m module --model model_dir --out out`` (a 2-process Lightning fit whose
+    ranks each write ``out/rank<r>.json``) and return the two ranks' records."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MASTER_PORT", None)
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-m", module, "--model", str(model_dir), "--out",
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
 @pytest.mark.slow
 def test_zero3_load_peak_memory_per_rank(tmp_path):
     model_dir, n_params = build_model_dir(tmp_path / "model")
     full_copy = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     assert n_params >= 100_000_000 and full_copy >= 4 * 100_000_000  # float32
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("MASTER_PORT", None)
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "tests.train.test_zero3_memory", "--model",
-                           str(model_dir), "--out", str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = run_two_ranks("tests.train.test_zero3_memory", model_dir, tmp_path / "out")
     mb = 1 << 20
     print(f"\nZeRO-3 load, 2 CPU processes: {n_params / 1e6:.1f}M parameters, one full copy "
           f"{full_copy / mb:.0f} MiB (float32 safetensors)")
