@@ -38,6 +38,13 @@ Environment variables:
   PYTHON           the Python interpreter (default: python).
   DRY_RUN=1        print the command instead of running it.
 
+Pre-emption and requeue (SLURM): the run is started with `--run.resume auto`, so a start
+finding the run's checkpoints/last.ckpt continues from it. SIGTERM or SIGUSR1 (request it
+with `sbatch --signal=B:USR1@90`: to this script, which forwards it to srun, or
+`--signal=USR1@90`: to every task) makes `attanchor fit` write last.ckpt at the current step
+and exit with code 75; this script then runs `scontrol requeue $SLURM_JOB_ID` (array jobs:
+JOBID_TASKID) and exits 0, and the requeued job resumes. Any other exit code is passed on.
+
 Examples:
   ./launch.sh recipes/demo/anchored.yaml
   NPROC_PER_NODE=2 ./launch.sh recipes/demo/anchored.yaml --trainer.strategy ddp
@@ -123,8 +130,12 @@ fit_args=(
   "$@"
 )
 
+PREEMPTED=75 # attanchor.train.resilience.PREEMPTED_EXIT_CODE
+
 if [[ -n ${SLURM_JOB_ID:-} ]]; then
   # SLURM starts every process; Lightning reads ranks and the rendezvous from SLURM_*.
+  # resume auto first, so a user's --run.resume still wins.
+  fit_args=("${fit_args[@]:0:3}" --run.resume auto "${fit_args[@]:3}")
   cmd=(srun --kill-on-bad-exit=1 "$python_bin" -m attanchor.cli "${fit_args[@]}")
 elif ((nnodes > 1)); then
   [[ -n ${MASTER_ADDR:-} ]] || die "NNODES=$nnodes needs MASTER_ADDR (the address of node 0)"
@@ -148,4 +159,36 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
   printf '\n'
   exit 0
 fi
-exec "${cmd[@]}"
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  exec "${cmd[@]}"
+fi
+
+# SLURM: run srun as a child, forward pre-emption signals to it, requeue on exit code 75.
+signalled=""
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() {
+  signalled=$1
+  echo "launch.sh: SIG$1: asking the run to checkpoint and stop" >&2
+  kill -s "$1" "$child" 2>/dev/null || true
+}
+"${cmd[@]}" &
+child=$!
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+rc=0
+wait "$child" || rc=$?
+while kill -0 "$child" 2>/dev/null; do # wait returned early: a trapped signal arrived
+  rc=0
+  wait "$child" || rc=$?
+done
+trap - USR1 TERM
+if ((rc == PREEMPTED)); then
+  job=$SLURM_JOB_ID
+  if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+    job=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
+  fi
+  echo "launch.sh: the run stopped at a checkpoint${signalled:+ (SIG$signalled)}: requeueing job $job" >&2
+  scontrol requeue "$job" || die "scontrol requeue $job failed: resubmit the job; it resumes from last.ckpt"
+  exit 0
+fi
+exit "$rc"

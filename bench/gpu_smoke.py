@@ -28,8 +28,10 @@ Generation: the anchored arm's trained model, greedy, exactly ``--gen-tokens`` n
 prompt (``min_new_tokens``), plain ``generate`` vs anchored ``generate`` (the prompt regrouped
 at prefill), median of ``--gen-repeats`` after one warm-up each.
 
-``--sync-debug`` runs one more anchored forward under ``torch.cuda.set_sync_debug_mode("warn")``
-and reports how many host-device synchronisations it made, and from which lines (CUDA only).
+``--sync-debug`` counts the host-device synchronisations of one more anchored forward, in the
+trained configuration and in its static-shape twin (``max_anchors`` 16, ``static_shape``), on any
+device; on CUDA the static regroup then runs under ``torch.cuda.set_sync_debug_mode("error")``
+and the static forward under ``"warn"`` (``bench/sync_debug.py``).
 
 Prints a table and writes every figure to ``--out`` (JSON). Target on one GPU: under 5 minutes.
 """
@@ -45,14 +47,13 @@ import platform
 import statistics
 import sys
 import time
-import warnings
-from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from sync_debug import describe, sync_debug
 from timing import sync, timed
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -240,26 +241,6 @@ def time_generate(model: AnchoredVLM, batches: list[dict[str, Any]], tokens: int
     return timed(run, device, repeats), shape
 
 
-def sync_debug(model: AnchoredVLM, batch: dict[str, Any], device: torch.device,
-               dtype: torch.dtype) -> dict[str, Any]:
-    """One anchored forward under sync-debug "warn": how many syncs, from which lines."""
-    if device.type != "cuda":
-        return {"skipped": "no CUDA device: torch.cuda.set_sync_debug_mode needs one"}
-    inputs = to_device(batch, device, dtype)
-    sync(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with torch.no_grad(), autocast(device, dtype):
-                model(**inputs)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
-    return {"warnings": len(syncs), "sites": dict(sites.most_common(20))}
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", required=True, help="write the figures here (JSON)")
@@ -316,7 +297,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     anch_s, anch_shape = time_generate(model, prompts, args.gen_tokens, pad,
                                        args.gen_repeats, device, args.dtype)
     gen_anchors = float(model.last_anchor_counts.float().mean())
-    debug = sync_debug(model, batches[-1], device, args.dtype) if args.sync_debug else None
+    debug = None
+    if args.sync_debug:
+        debug = sync_debug(model, to_device(batches[-1], device, args.dtype),
+                           lambda: autocast(device, args.dtype))
 
     base, anch = arms["none"], arms["text_into_image"]
     figures = {
@@ -362,9 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"plain {plain_s:.3f} s, anchored {anch_s:.3f} s, overhead "
           f"{100 * figures['generation']['overhead']:+.1f} %")
     if debug is not None:
-        print("sync debug: " + (debug.get("skipped") or
-                                f"{debug['warnings']} synchronising calls in one anchored "
-                                f"forward; top sites {list(debug['sites'].items())[:5]}"))
+        print(describe(debug))
     print(f"wall {figures['wall_s']:.1f} s; figures in {out}")
     if not all(math.isfinite(v["loss_last"]) for v in arms.values()):
         raise SystemExit("a loss is not finite: see the figures")

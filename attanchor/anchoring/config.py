@@ -1,6 +1,6 @@
 """AnchorConfig: which tokens become attention anchors, and where their copies go.
 
-The semantics are specified in ``shared/METHOD.md``; every field is validated on construction
+The semantics are specified in ``docs/method.md``; every field is validated on construction
 so a bad recipe fails before any model loads.
 """
 
@@ -10,7 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-STRATEGIES = ("none", "text_into_image", "image_into_text", "random", "append")
+# Arms that change only position ids (attanchor.anchoring.positions): no copies, no regroup.
+POSITION_ONLY_STRATEGIES = ("compress_image_positions", "concentric_image_positions")
+STRATEGIES = ("none", "text_into_image", "image_into_text", "random", "append",
+              *POSITION_ONLY_STRATEGIES)
 SCOPES = ("image_turn", "all_user_turns")
 
 
@@ -23,7 +26,10 @@ class AnchorConfig:
             Algorithm 1: prompt words copied after their best image patch), ``image_into_text``
             (the paper's variant: image tokens copied after their best prompt word), ``random``
             (control: as many copies as ``text_into_image`` would make, after random image
-            tokens) or ``append`` (control: the same copies, all after the last image token).
+            tokens) or ``append`` (control: the same copies, all after the last image token);
+            ``compress_image_positions`` / ``concentric_image_positions`` change only the
+            image tokens' position ids (``attanchor.anchoring.positions``; the selection
+            fields are then unused).
         threshold: keep a match when its cosine similarity is >= this value (the paper's tau).
         top_fraction: keep the ceil(rho * candidates) best matches of each row instead.
             Exactly one of ``threshold`` and ``top_fraction`` is set unless strategy is ``none``.
@@ -32,6 +38,11 @@ class AnchorConfig:
         scope: which user turns provide candidates: ``image_turn`` (the turn holding the image)
             or ``all_user_turns``. Read by the data pipeline when it builds candidate masks.
         seed: seed of the ``random`` control's placements.
+        static_shape: the sync-free mode (``regroup.py``, "Static shape"): the output width is
+            fixed by the input width and the config, L' = L + min(max_anchors, L) +
+            pause_tokens, so the regroup reads nothing back to the host and compiles with
+            ``torch.compile(fullgraph=True)``. Needs ``max_anchors`` (the cap: copies past it
+            are dropped lowest-similarity first and counted in ``Regrouped.num_dropped``).
     """
 
     strategy: str = "text_into_image"
@@ -41,6 +52,7 @@ class AnchorConfig:
     pause_tokens: int = 0
     scope: str = "image_turn"
     seed: int = 0
+    static_shape: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -73,12 +85,21 @@ class AnchorConfig:
             )
         if isinstance(self.seed, bool) or int(self.seed) != self.seed:
             raise ValueError(f"AnchorConfig.seed={self.seed}: must be an int")
+        if not isinstance(self.static_shape, bool):
+            raise ValueError(f"AnchorConfig.static_shape={self.static_shape!r}: must be a bool")
+        if self.static_shape and self.strategy != "none" and self.max_anchors is None:
+            raise ValueError(
+                "AnchorConfig.static_shape=True needs max_anchors (the per-row cap that fixes "
+                "the output width L + max_anchors + pause_tokens); e.g. max_anchors=16"
+            )
 
     @property
     def active(self) -> bool:
         """False when the regrouped sequence is the baseline sequence by construction."""
         if self.strategy == "none":
             return False
+        if self.strategy in POSITION_ONLY_STRATEGIES:  # positions change; selection unused
+            return True
         if self.pause_tokens > 0:
             return True
         if self.max_anchors == 0:

@@ -1,16 +1,18 @@
-"""AnchoredVLM: a Hugging Face LLaVA model whose language model sees regrouped sequences.
+"""AnchoredVLM: a Hugging Face VLM whose language model sees regrouped sequences.
 
-The wrapper builds the baseline sequence through the model's public API (input embeddings,
-``get_image_features``, the image token id), regroups it on the device, then runs the language
-model and LM head through the model's own ``forward(inputs_embeds=...)``. With anchoring
-inactive (strategy ``none``, or a threshold above 1 with no pause tokens) it delegates to the
-wrapped model untouched, so logits, loss and greedy generation equal Hugging Face's exactly.
+The wrapper builds the baseline sequence through the model's family adapter
+(``anchoring.family``: the public API of LLaVA, LLaVA-NeXT or Qwen2.5-VL), regroups it on the
+device, then runs the language model and LM head through the model's own
+``forward(inputs_embeds=..., position_ids=family.positions(...))``. With anchoring inactive
+(strategy ``none``, or a threshold above 1 with no pause tokens) it delegates to the wrapped
+model untouched, so logits, loss and greedy generation equal Hugging Face's exactly.
 
 The vision tower and projector run for every batch: a batch without images runs them on one
-all-zero dummy image whose features enter the embeddings multiplied by zero (as LLaVA and
-LLaMA-Factory do). Every rank then runs the same modules (ZeRO-3 / FSDP gather the same
-parameters; DDP sees a gradient, zero, for every trainable projector weight), and the values
-are unchanged: x + 0 == x, so a text-only batch still equals Hugging Face's text-only forward.
+all-zero dummy image (the family's) whose features enter the embeddings multiplied by zero (as
+LLaVA and LLaMA-Factory do). Every rank then runs the same modules (ZeRO-3 / FSDP gather the
+same parameters; DDP sees a gradient, zero, for every trainable projector weight), and the
+values are unchanged: x + 0 == x, so a text-only batch still equals Hugging Face's text-only
+forward.
 """
 
 from __future__ import annotations
@@ -21,16 +23,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attanchor.anchoring.config import AnchorConfig
+from attanchor.anchoring.config import POSITION_ONLY_STRATEGIES, AnchorConfig
+from attanchor.anchoring.family import Baseline, family_for
+from attanchor.anchoring.positions import position_only_forward, position_only_generate
 from attanchor.anchoring.regroup import Regrouped, regroup
+from attanchor.anchoring.syncs import LazyStats
 
 
 class AnchoredVLM(nn.Module):
-    """Wrap a ``LlavaForConditionalGeneration`` (optionally peft-wrapped) with anchoring.
+    """Wrap a supported HF VLM (optionally peft-wrapped) with anchoring.
 
     Args:
-        model: the HF model (LLaVA-1.5, tiny-llava-v1-hf or any checkpoint of that class).
+        model: the HF model: ``LlavaForConditionalGeneration`` (LLaVA-1.5, tiny-llava),
+            ``LlavaNextForConditionalGeneration`` (LLaVA-1.6) or
+            ``Qwen2_5_VLForConditionalGeneration``; any other class raises ValueError.
         config: the anchoring configuration.
+
+    ``family`` is the model's adapter (``anchoring.family.family_for``).
 
     After every ``forward``/``generate``, ``last_regrouped`` holds the (detached) regrouped
     batch and ``last_stats`` its anchor statistics, for logging.
@@ -40,6 +49,7 @@ class AnchoredVLM(nn.Module):
         super().__init__()
         self.model = model
         self.config = config
+        self.family = family_for(model)
         self.last_regrouped: Regrouped | None = None
         # Copies inserted per row in the last call, (B,); None before the first call.
         self.last_anchor_counts: Tensor | None = None
@@ -49,58 +59,40 @@ class AnchoredVLM(nn.Module):
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
-    def _dummy_pixel_values(self, like: Tensor) -> Tensor:
-        """One all-zero image of the vision tower's input: (1, C, H, W) in ``like``'s dtype and
-        on its device, C and H = W from the model's vision config."""
-        vc = self.model.config.vision_config
-        size = vc.image_size
-        hw = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-        channels = int(getattr(vc, "num_channels", 3))
-        return torch.zeros((1, channels, *hw), dtype=like.dtype, device=like.device)
+    def _split_images(self, pixel_values: Tensor | None, kw: dict[str, Any]
+                      ) -> tuple[dict[str, Tensor] | None, dict[str, Any]]:
+        """Pop the family's image keys (``image_sizes``, ...) and the vision-feature options
+        out of ``kw``: (images or None without pixel_values, image_kw)."""
+        extra = {k: kw.pop(k) for k in self.family.image_keys if k != "pixel_values" and k in kw}
+        image_kw = {k: kw.pop(k) for k in ("vision_feature_layer",
+                                           "vision_feature_select_strategy") if k in kw}
+        if pixel_values is None:
+            return None, image_kw
+        return {"pixel_values": pixel_values, **extra}, image_kw
 
-    def _image_features(self, pixel_values: Tensor, like: Tensor, image_kw: dict[str, Any]
-                        ) -> Tensor:
-        """(N, 3, H, W) pixels -> (N * M, d) projected features, in ``like``'s dtype/device."""
-        # The processor gives fp32 pixels; a bf16/fp16 model needs them in its own dtype.
-        if pixel_values.is_floating_point():
-            pixel_values = pixel_values.to(like.dtype)
-        tower = self.model.get_image_features(pixel_values=pixel_values, return_dict=True,
-                                              **image_kw)
-        return torch.cat(list(tower.pooler_output), dim=0).to(like.device, like.dtype)
+    def baseline(self, input_ids: Tensor, attention_mask: Tensor | None,
+                 images: dict[str, Tensor] | None, **image_kw: Any) -> Baseline:
+        """The family's baseline sequence (``family.Baseline``); vision-feature options are
+        passed on only when given, so a family need not know them."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.family.baseline(self.model, input_ids, attention_mask, images, **image_kw)
 
-    def _without_images(self, embeds: Tensor, image_kw: dict[str, Any]) -> Tensor:
-        """(B, L, d) -> (B, L, d), equal values: the tower and projector run on a dummy image
-        and their output enters as ``+ 0 * features`` (module doc: why every batch runs them).
-        The product is taken per element before the sum, so large features cannot overflow
-        to inf and turn the zero into NaN."""
-        feats = self._image_features(self._dummy_pixel_values(embeds), embeds, image_kw)
-        return embeds + (feats * 0).sum()
-
-    def baseline_embeds(self, input_ids: Tensor, pixel_values: Tensor | None, **image_kw: Any
+    def baseline_embeds(self, input_ids: Tensor, pixel_values: Tensor | None,
+                        attention_mask: Tensor | None = None, **kw: Any
                         ) -> tuple[Tensor, Tensor]:
-        """The baseline sequence HF's LLaVA builds: (B, L) ids -> (B, L, d) embeds, image mask.
+        """The baseline sequence HF builds: (B, L) ids -> (B, L, d) embeds, (B, L) image mask
+        (the positions that may host a copy: NeXT's newline slots excluded).
 
         Text positions hold the embedding-table lookup; image placeholder positions hold the
-        projected image features, in order. Without ``pixel_values`` the vision tower still
-        runs on a dummy image (``_without_images``). Raises ValueError when the placeholder
+        projected image features, in order. ``kw``: the family's other image keys
+        (``image_sizes``, ...) and vision-feature options. Without ``pixel_values`` the vision
+        tower still runs on a dummy image (module doc). Raises ValueError when the placeholder
         count and the feature count disagree.
         """
-        embeds = self.model.get_input_embeddings()(input_ids)  # (B, L, d)
-        image_mask = input_ids == self.image_token_id  # (B, L)
-        n_tokens = int(image_mask.sum())
-        if pixel_values is None:
-            if n_tokens:
-                raise ValueError(f"input_ids hold {n_tokens} image tokens but pixel_values is None")
-            return self._without_images(embeds, image_kw), image_mask
-        feats = self._image_features(pixel_values, embeds, image_kw)
-        if n_tokens != feats.shape[0]:
-            raise ValueError(
-                f"input_ids hold {n_tokens} image tokens but pixel_values give {feats.shape[0]} "
-                f"image features ({pixel_values.shape[0]} images); render each <image> with the "
-                "processor of this model so one placeholder stands for each feature"
-            )
-        embeds = embeds.masked_scatter(image_mask[..., None], feats)
-        return embeds, image_mask
+        images, image_kw = self._split_images(pixel_values, dict(kw))
+        base = self.baseline(input_ids, attention_mask, images, **image_kw)
+        return base.embeds, base.image_mask
 
     def _pause_embedding(self, device: torch.device) -> Tensor | None:
         """The pad token's embedding (d,), looked up through the embedding module's forward:
@@ -115,43 +107,60 @@ class AnchoredVLM(nn.Module):
         ids = torch.full((1,), int(pad_id), dtype=torch.long, device=device)
         return self.model.get_input_embeddings()(ids)[0]
 
-    def _regroup(self, input_ids: Tensor, pixel_values: Tensor | None, attention_mask: Tensor,
-                 candidate_mask: Tensor | None, labels: Tensor | None, image_kw: dict[str, Any],
-                 side: str | None = None, *, sample_index: Tensor | None = None,
-                 epoch: int = 0, segment_ids: Tensor | None = None) -> Regrouped:
+    def _regroup(self, input_ids: Tensor, images: dict[str, Tensor] | None,
+                 attention_mask: Tensor, candidate_mask: Tensor | None, labels: Tensor | None,
+                 image_kw: dict[str, Any], side: str | None = None, *,
+                 sample_index: Tensor | None = None, epoch: int = 0,
+                 segment_ids: Tensor | None = None) -> tuple[Baseline, Regrouped]:
+        """Baseline through the family, then the (family-independent) regroup."""
         if candidate_mask is None:
             raise ValueError(
                 f"AnchoredVLM: strategy {self.config.strategy!r} needs candidate_mask (B, L); "
                 "build it with attanchor.data (render + collate) or set strategy='none'"
             )
-        embeds, image_mask = self.baseline_embeds(input_ids, pixel_values, **image_kw)
+        base = self.baseline(input_ids, attention_mask, images, **image_kw)
         pause = self._pause_embedding(input_ids.device)
-        out = regroup(embeds, attention_mask, image_mask, candidate_mask.bool(), labels,
-                      self.config, pause_embedding=pause, sample_index=sample_index,
+        out = regroup(base.embeds, attention_mask, base.image_mask, candidate_mask.bool(),
+                      labels, self.config, pause_embedding=pause, sample_index=sample_index,
                       epoch=epoch, segment_ids=segment_ids, side=side)
         self._record(out, attention_mask)
-        return out
+        return base, out
 
     def _record(self, out: Regrouped, attention_mask: Tensor) -> None:
-        n_in = float(attention_mask.sum())
-        n_out = float(out.attention_mask.sum())
-        counts = out.num_anchors.float()
-        sims = out.similarity[out.inserted & (out.origin >= 0)]
-        self.last_anchor_counts = out.num_anchors.detach().cpu()
-        self.last_regrouped = Regrouped(**{
-            k: (v.detach() if isinstance(v, Tensor) else v) for k, v in vars(out).items()})
-        self.last_stats = {
-            "anchors_mean": float(counts.mean()) if counts.numel() else 0.0,
-            "anchors_max": float(counts.max()) if counts.numel() else 0.0,
-            "growth_pct": 100.0 * (n_out - n_in) / max(n_in, 1.0),
-            "anchor_similarity_mean": float(sims.mean()) if sims.numel() else math.nan,
-        }
+        """Keep the batch and its statistics as device tensors: nothing is read back here
+        (``last_stats`` turns a value into a float when it is read; ``LazyStats``)."""
+        with torch.no_grad():
+            n_in = attention_mask.sum().float()
+            n_out = out.attention_mask.sum().float()
+            counts = out.num_anchors.float()
+            copy = out.inserted & (out.origin >= 0)  # copies (pause tokens have origin -1)
+            # Mean over a mask without boolean indexing (a value-dependent shape): 0/0 = nan.
+            sim_mean = out.similarity.nan_to_num().masked_fill(~copy, 0).sum() / copy.sum()
+            self.last_anchor_counts = out.num_anchors.detach()
+            self.last_regrouped = Regrouped(**{
+                k: (v.detach() if isinstance(v, Tensor) else v) for k, v in vars(out).items()})
+            empty = counts.numel() == 0
+            self.last_stats = LazyStats({
+                "anchors_mean": 0.0 if empty else counts.mean(),
+                "anchors_max": 0.0 if empty else counts.max(),
+                "growth_pct": 100.0 * (n_out - n_in) / n_in.clamp(min=1.0),
+                "anchor_similarity_mean": sim_mean,
+            })
 
     def _record_identity(self, attention_mask: Tensor) -> None:
         self.last_regrouped = None
         self.last_anchor_counts = torch.zeros(attention_mask.shape[0], dtype=torch.long)
         self.last_stats = {"anchors_mean": 0.0, "anchors_max": 0.0, "growth_pct": 0.0,
                            "anchor_similarity_mean": math.nan}
+
+    def _check_position_only(self) -> None:
+        """The position-only arms renumber a square 1-D image grid: LLaVA only (NeXT's tiles
+        and newlines are not square; Qwen's positions are already 3-D)."""
+        if self.family.name != "llava":
+            raise ValueError(
+                f"strategy {self.config.strategy!r} changes 1-D position ids of square image "
+                f"grids and supports the llava family only, not {self.family.name!r}; use an "
+                "anchoring strategy or 'none' for this model")
 
     def forward(
         self,
@@ -170,23 +179,31 @@ class AnchoredVLM(nn.Module):
 
         ``sample_index`` (B,) int64, stable per sample (collate's), and ``epoch`` seed the
         ``random`` control per sample; ``segment_ids`` (B, L) override the label-derived
-        segments (``regroup``). Without ``pixel_values`` the vision tower and projector still
-        run, on a dummy image that contributes zero (module doc).
+        segments (``regroup``). The family's other image keys (``image_sizes``, ...) come in
+        ``kw``. Without ``pixel_values`` the vision tower and projector still run, on a dummy
+        image that contributes zero (module doc).
         """
-        image_kw = {k: kw.pop(k) for k in ("vision_feature_layer",
-                                           "vision_feature_select_strategy") if k in kw}
+        if self.config.strategy in POSITION_ONLY_STRATEGIES:
+            self._check_position_only()
+            self._record_identity(attention_mask)
+            return position_only_forward(self, self.config.strategy, input_ids, pixel_values,
+                                         attention_mask, labels, **kw)
+        images, image_kw = self._split_images(pixel_values, kw)
         if not self.config.active:
             self._record_identity(attention_mask)
-            if pixel_values is None:  # HF would skip the tower: run it, add its zero
-                embeds = self.model.get_input_embeddings()(input_ids)  # (B, L, d)
-                return self.model(inputs_embeds=self._without_images(embeds, image_kw),
-                                  attention_mask=attention_mask, labels=labels, **kw)
-            return self.model(input_ids=input_ids, pixel_values=pixel_values,
-                              attention_mask=attention_mask, labels=labels, **image_kw, **kw)
-        r = self._regroup(input_ids, pixel_values, attention_mask, candidate_mask, labels, image_kw,
-                          sample_index=sample_index, epoch=epoch, segment_ids=segment_ids)
+            if images is None:  # HF would skip the tower: run it, add its zero
+                base = self.baseline(input_ids, attention_mask, None, **image_kw)
+                if base.position_ids is not None:
+                    kw["position_ids"] = base.position_ids
+                return self.model(inputs_embeds=base.embeds, attention_mask=attention_mask,
+                                  labels=labels, **kw)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                              **images, **image_kw, **kw)
+        base, r = self._regroup(input_ids, images, attention_mask, candidate_mask, labels,
+                                image_kw, sample_index=sample_index, epoch=epoch,
+                                segment_ids=segment_ids)
         return self.model(inputs_embeds=r.inputs_embeds, attention_mask=r.attention_mask,
-                          position_ids=r.position_ids, labels=r.labels, **kw)
+                          position_ids=self.family.positions(base, r), labels=r.labels, **kw)
 
     @torch.no_grad()
     def generate(
@@ -205,9 +222,10 @@ class AnchoredVLM(nn.Module):
 
         Returns a LongTensor (B, T_new): the generated ids without the prompt (the regrouped
         prompt has no single id sequence to prepend), in both the anchored and the plain path.
-        Batches must be left-padded. Decoding then runs HF's ``generate`` with its KV cache;
-        position ids continue from the lengthened prompt (HF derives them from the mask, which
-        gives the same 0..n'-1 the regroup assigns). ``sample_index``, ``epoch`` and
+        Batches must be left-padded. Decoding then runs HF's ``generate`` with its KV cache
+        through the family (``family.generate``: 1-D families let HF derive positions from
+        the mask, which gives the same 0..n'-1 the regroup assigns). The family's other image
+        keys (``image_sizes``, ...) come in ``gen_kwargs``. ``sample_index``, ``epoch`` and
         ``segment_ids`` as in ``forward`` (a prompt has no labels: without ``segment_ids`` it
         is one segment). A prompt without images runs the vision tower on a dummy image too,
         so sharded ranks gather the same parameters.
@@ -215,19 +233,21 @@ class AnchoredVLM(nn.Module):
         if (attention_mask[:, -1] == 0).any():
             raise ValueError("AnchoredVLM.generate: pad prompts on the left "
                              "(collate(..., padding_side='left'))")
+        if self.config.strategy in POSITION_ONLY_STRATEGIES:
+            self._check_position_only()
+            self._record_identity(attention_mask)
+            return position_only_generate(self, self.config.strategy, input_ids, pixel_values,
+                                          attention_mask, **gen_kwargs)
+        images, image_kw = self._split_images(pixel_values, gen_kwargs)
         if not self.config.active:
             self._record_identity(attention_mask)
-            if pixel_values is None:  # the same modules on every rank; the value is unused
-                like = torch.empty(0, dtype=self.model.get_input_embeddings().weight.dtype,
-                                   device=input_ids.device)
-                self._image_features(self._dummy_pixel_values(like), like, {})
-            if pixel_values is not None:  # HF's generate chokes on an explicit None
-                gen_kwargs["pixel_values"] = pixel_values
+            if images is None:  # the same modules on every rank; the value is unused
+                self.baseline(input_ids, attention_mask, None, **image_kw)
+                images = {}  # HF's generate chokes on an explicit pixel_values=None
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      **gen_kwargs)
+                                      **images, **image_kw, **gen_kwargs)
             return out[:, input_ids.shape[1]:]
-        r = self._regroup(input_ids, pixel_values, attention_mask, candidate_mask, None, {},
-                          side="left", sample_index=sample_index, epoch=epoch,
-                          segment_ids=segment_ids)
-        return self.model.generate(inputs_embeds=r.inputs_embeds,
-                                   attention_mask=r.attention_mask, **gen_kwargs)
+        base, r = self._regroup(input_ids, images, attention_mask, candidate_mask, None,
+                                image_kw, side="left", sample_index=sample_index, epoch=epoch,
+                                segment_ids=segment_ids)
+        return self.family.generate(self.model, r, self.family.positions(base, r), **gen_kwargs)

@@ -31,10 +31,18 @@ MAX_SIMILARITY_ELEMENTS = 2**26
 _M32 = 0xFFFFFFFF
 
 
-def pack_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Positions of True entries per row, in order, right-padded: (B, L) -> (B, K), (B, K)."""
+def pack_positions(mask: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Positions of True entries per row, in order, right-padded: (B, L) -> (B, K), (B, K).
+
+    K is the largest row count (read back to the host) or, given ``width``, min(width, L)
+    without any host read (static shape); rows with more than ``width`` entries keep their
+    first ``width``. Padding slots hold other positions of the row and ``valid`` False.
+    """
     counts = mask.sum(dim=1)
-    K = int(counts.max()) if mask.numel() else 0
+    if width is not None:
+        K = min(int(width), mask.shape[1])
+    else:
+        K = int(counts.max()) if mask.numel() else 0
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :K]
     valid = torch.arange(K, device=mask.device) < counts[:, None]
     return order, valid
@@ -108,6 +116,15 @@ def select(scores: Tensor, valid: Tensor, config: AnchorConfig) -> Tensor:
     items with a finite score (items that have a partner in their segment). ``max_anchors``:
     then the highest scores up to the cap. Ties: lower position first.
     """
+    return select_capped(scores, valid, config)[0]
+
+
+def select_capped(scores: Tensor, valid: Tensor, config: AnchorConfig) -> tuple[Tensor, Tensor]:
+    """``select`` and how many items per row the cap dropped: -> (B, Q) bool, (B,) long.
+
+    The dropped items are those the rule chose beyond ``max_anchors``, lowest score first
+    (0 everywhere without a cap). No host read: usable in the static-shape mode.
+    """
     eligible = valid & torch.isfinite(scores)
     masked = scores.masked_fill(~eligible, -math.inf)
     if config.threshold is not None:
@@ -116,9 +133,10 @@ def select(scores: Tensor, valid: Tensor, config: AnchorConfig) -> Tensor:
         # The epsilon keeps float noise from rounding up: ceil(0.1 * 30) is 3, not 4.
         k = torch.ceil(eligible.sum(dim=1, dtype=torch.float64) * config.top_fraction - 1e-9)
         keep = eligible & (_rank_desc(masked) < k[:, None])
+    chosen = keep.sum(dim=1)
     if config.max_anchors is not None:
         keep &= _rank_desc(masked.masked_fill(~keep, -math.inf)) < config.max_anchors
-    return keep
+    return keep, chosen - keep.sum(dim=1)
 
 
 # ---------------------------------------------------------------- the random control's draws
@@ -153,7 +171,7 @@ def placement_hash(seed: int, sample_index: Tensor, epoch: int, offset: Tensor) 
 
 def text_hosts(
     strategy: str, best: Tensor, src: Tensor, segments: Tensor, image_mask: Tensor,
-    start: Tensor, sample_index: Tensor, seed: int, epoch: int,
+    start: Tensor, sample_index: Tensor, seed: int, epoch: int, *, width: int | None = None,
 ) -> Tensor:
     """Host position (B, C) of each candidate copy for the text strategies.
 
@@ -162,11 +180,12 @@ def text_hosts(
     ``floor(h * n / 2**32)`` of the n in its segment, h = ``placement_hash(seed, sample,
     epoch, offset)``, offset = the candidate's position in its sample (``src - start``), so a
     sample's placements depend on nothing else in the batch. Candidates with no image in their
-    segment get a placeholder host; selection never keeps them.
+    segment get a placeholder host; selection never keeps them. ``width``: the static width
+    of the packed image positions (``pack_positions``; None reads the count back).
     """
     if strategy == "text_into_image":
         return best
-    img_pos, img_valid = pack_positions(image_mask)  # (B, M)
+    img_pos, img_valid = pack_positions(image_mask, width)  # (B, M)
     if img_pos.shape[1] == 0:
         return torch.zeros_like(src)
     # Image segments are sorted along a row (positions and segments both ascend); padding

@@ -2,7 +2,9 @@
 
 - ``validate --data PATH --image-root DIR [--format llava|messages] [--model PATH]``: checks
   every record (with ``--model``, also the template mapping and ``--max-length``), prints the
-  counts and every bad record as ``id<TAB>reason``; exit 1 if any record is bad.
+  counts and every bad record as ``id<TAB>reason``; exit 1 if any record is bad. Every image
+  is fully decoded under ``--max-image-pixels`` (default 50 MP): a decompression bomb, a
+  truncated or unreadable file is one more named bad record, never a crash.
 - ``prepare easy-vqa --out DIR``: writes the built-in easy-vqa world (LLaVA JSON + POPE file).
 - ``prepare scenes --out DIR [--n-train N --n-val N --n-test N --image-size PX]``: draws the
   procedural multi-object scenes world (existence, attribute, relation and counting questions;
@@ -23,7 +25,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from attanchor.data.formats import FORMATS, BadRecordError, read_records
+from attanchor.data.formats import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    FORMATS,
+    BadRecordError,
+    read_records,
+    set_max_image_pixels,
+)
 from attanchor.data.render import KINDS, SCOPES
 from attanchor.data.templates import NAMED_TEMPLATES
 
@@ -58,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check every record; exit 1 if any is bad")
     common(v, model_required=False)
     v.add_argument("--rejects", default=None, help="also write the bad records here (JSONL)")
+    v.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images with more pixels (width x height) are bad records, as with "
+                        f"data.max_image_pixels in training (default {DEFAULT_MAX_IMAGE_PIXELS:,})")
     pr = sub.add_parser("prepare", help="write a built-in data set")
     pr.add_argument("name", choices=["easy-vqa", "scenes"])
     pr.add_argument("--out", required=True)
@@ -92,10 +103,15 @@ def _processor(path: str) -> Any:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from attanchor.data.datamodule import index_records
+    from attanchor.data.records import index_records
     from attanchor.data.render import Renderer
 
     root = args.image_root or str(Path(args.data).parent)
+    try:
+        set_max_image_pixels(args.max_image_pixels)  # every image is decoded under this limit
+    except ValueError as e:
+        print(f"error: --max-image-pixels: {e}", file=sys.stderr)
+        return 2
     renderer = None
     if args.model:
         renderer = Renderer(_processor(args.model), template=args.template, scope=args.scope,

@@ -1,4 +1,5 @@
-"""Batch ``RenderedSample``s: pad to the longest row, stack images. A pure function."""
+"""Batch ``RenderedSample``s: pad to the longest row, batch images per family (stack LLaVA's,
+pad NeXT's tiles, concatenate Qwen's patches) with their size tensors. A pure function."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 
+from attanchor.data.images import SIZE_KEYS, merge_batches
 from attanchor.data.render import IGNORE_INDEX, RenderedSample
 
 PADDING_SIDES = ("right", "left")
@@ -27,9 +29,13 @@ def collate(samples: Sequence[RenderedSample], pad_token_id: int,
     """Pad ``samples`` to the longest one and stack their images.
 
     Returns ``input_ids (B, L) long``, ``attention_mask (B, L) long``, ``labels (B, L) long``,
-    ``candidate_mask (B, L) bool``, ``pixel_values (N_images, 3, H, W) float`` (every sample's
-    images in sample order; None when no sample has an image), ``ids`` (list of B str) and
-    ``sample_index (B,) long`` (``sample_index(id)``: stable per record, whatever the batch).
+    ``candidate_mask (B, L) bool``, ``pixel_values`` (every sample's images in sample order;
+    None when no sample has an image; LLaVA (N_images, 3, H, W), LLaVA-NeXT (N_images,
+    max_tiles, 3, S, S) with zero tiles as padding, Qwen2.5-VL (sum of patches, C * T * P * P)
+    concatenated: ``attanchor.data.images``), the family's size tensors when its processor
+    gives them (``image_sizes (N_images, 2)``, ``image_grid_thw (N_images, 3)``),
+    ``mm_token_type_ids (B, L) int32`` when the samples carry it (Qwen; pads 0), ``ids`` (list
+    of B str) and ``sample_index (B,) long`` (``sample_index(id)``: stable per record).
 
     Invariants: a row's real tokens keep their order and sit at the end of the row with
     ``padding_side="left"`` (generation) or at the start with ``"right"`` (training); padding
@@ -55,7 +61,12 @@ def collate(samples: Sequence[RenderedSample], pad_token_id: int,
     attention_mask = torch.zeros((batch, longest), dtype=torch.long)
     labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
     candidate_mask = torch.zeros((batch, longest), dtype=torch.bool)
-    images = []
+    images: list[dict[str, torch.Tensor]] = []
+    with_mm = [s.mm_token_type_ids is not None for s in samples]
+    if any(with_mm) and not all(with_mm):
+        raise ValueError("collate: some samples have mm_token_type_ids and some not; render "
+                         "every sample of a batch with the same processor")
+    mm = torch.zeros((batch, longest), dtype=torch.int32) if all(with_mm) else None
     for b, s in enumerate(samples):
         n = len(s.input_ids)
         if not len(s.labels) == len(s.candidate_mask) == n:
@@ -66,16 +77,24 @@ def collate(samples: Sequence[RenderedSample], pad_token_id: int,
         attention_mask[b, row] = 1
         labels[b, row] = s.labels
         candidate_mask[b, row] = s.candidate_mask
+        if mm is not None:
+            mm[b, row] = s.mm_token_type_ids
         if s.pixel_values is not None:
-            images.append(s.pixel_values)
-    pixel_values = None
+            images.append(_image_dict(s))
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+           "candidate_mask": candidate_mask, "pixel_values": None}
     if images:
-        shapes = {tuple(p.shape[1:]) for p in images}
-        if len(shapes) > 1:
-            raise ValueError(f"collate: images of different shapes {sorted(shapes)} in one "
-                             "batch; the image processor must resize to one size")
-        pixel_values = torch.cat(images)  # (N_images, 3, H, W)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "candidate_mask": candidate_mask, "pixel_values": pixel_values,
-            "ids": [s.id for s in samples],
-            "sample_index": torch.tensor([sample_index(s.id) for s in samples], dtype=torch.long)}
+        out.update(merge_batches(images))
+    if mm is not None:
+        out["mm_token_type_ids"] = mm
+    out["ids"] = [s.id for s in samples]
+    out["sample_index"] = torch.tensor([sample_index(s.id) for s in samples], dtype=torch.long)
+    return out
+
+
+def _image_dict(s: RenderedSample) -> dict[str, torch.Tensor]:
+    d = {"pixel_values": s.pixel_values}
+    for key in SIZE_KEYS:
+        if getattr(s, key) is not None:
+            d[key] = getattr(s, key)
+    return d

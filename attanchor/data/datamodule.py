@@ -4,8 +4,10 @@ Records are read and checked up front, in ``setup`` (format, roles, placeholders
 and integrity, and a text render that proves the record fits ``max_length`` under the chosen
 template), so a bad record is reported before the first step. Rendering with images happens
 in the Dataset's ``__getitem__`` (in the loader's workers). Order is a function of
-``(seed, epoch)`` only: a ``DistributedSampler`` seeded with ``seed`` (one replica on a single
-device), so a resumed run replays the same order.
+``(seed, epoch)`` only: a ``ResumableSampler`` (``attanchor.data.sampler``; the order a
+``DistributedSampler`` seeded with ``seed`` draws, one replica on a single device) whose position
+in the epoch is saved in every checkpoint (``state_dict``), so a run resumed from any step
+trains on exactly the samples the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -18,115 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
 from attanchor.data.collate import collate
 from attanchor.data.formats import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     FORMATS,
     BadRecordError,
-    Conversation,
-    check_image,
-    read_records,
-    resolve_image,
+    set_max_image_pixels,
 )
-from attanchor.data.render import SCOPES, RenderedSample, Renderer
+from attanchor.data.packing import packed_collate
+from attanchor.data.records import RecordIndex, RenderedDataset, index_records
+from attanchor.data.render import SCOPES, Renderer
+from attanchor.data.sampler import ResumableSampler, consumed_in_epoch, grouped_order_fn
 from attanchor.data.split import split_mask
 from attanchor.data.templates import NAMED_TEMPLATES
 
 log = logging.getLogger(__name__)
 POLICIES = ("error", "skip")
-
-
-class RecordIndex:
-    """Validated conversations stored as one byte buffer plus offsets: DataLoader workers read
-    it without the copy-on-write growth a list of Python objects causes."""
-
-    def __init__(self, conversations: list[Conversation]) -> None:
-        blobs = [json.dumps(c.to_dict(), ensure_ascii=False).encode() for c in conversations]
-        self.offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
-        self.offsets[1:] = np.cumsum([len(b) for b in blobs])
-        self.buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8) if blobs else \
-            np.zeros(0, np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> Conversation:
-        a, b = self.offsets[i], self.offsets[i + 1]
-        return Conversation.from_dict(json.loads(self.buffer[a:b].tobytes()))
-
-    def subset(self, keep: list[int]) -> RecordIndex:
-        """The records at positions ``keep``, in that order (bytes copied, nothing decoded)."""
-        out = RecordIndex([])
-        starts, ends = self.offsets[keep], self.offsets[np.asarray(keep, dtype=np.int64) + 1]
-        out.offsets = np.zeros(len(keep) + 1, dtype=np.int64)
-        out.offsets[1:] = np.cumsum(ends - starts)
-        if len(keep):
-            out.buffer = np.concatenate([self.buffer[a:b] for a, b in zip(starts, ends,
-                                                                           strict=True)])
-        return out
-
-
-def index_records(path: str | os.PathLike, *, format: str, image_root: str | os.PathLike,
-                  renderer: Renderer | None = None, for_generation: bool = False,
-                  stop_at_first: bool = False, progress: bool = True,
-                  ) -> tuple[RecordIndex, list[BadRecordError], int]:
-    """Read and check every record of ``path``; return ``(good, bad, total)``.
-
-    Checks: format and roles (``read_records``), each image path confined to ``image_root``,
-    present and intact (header + PIL verify, once per path), and with a ``renderer`` a text
-    render with the processor's image token counts (template mapping, ``max_length``).
-    ``stop_at_first`` raises the first bad record instead of collecting them. ``progress``
-    shows a bar on rank 0 (checking LLaVA-Instruct-150K takes about half a minute).
-    """
-    good, bad, total = [], [], 0
-    image_sizes: dict[str, tuple[int, int] | BadRecordError] = {}
-    records = read_records(path, format, require_answer=not for_generation, errors="yield")
-    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))  # torchrun / Lightning
-    show = progress and int(rank) == 0
-    for item in tqdm(records, desc=f"checking {Path(path).name}", unit="rec", disable=not show,
-                     leave=False, mininterval=1.0):
-        total += 1
-        try:
-            if isinstance(item, BadRecordError):
-                raise item
-            sizes = []
-            for rel in item.images:
-                if rel not in image_sizes:
-                    try:
-                        image_sizes[rel] = check_image(resolve_image(image_root, rel, item.id),
-                                                       item.id)
-                    except BadRecordError as e:
-                        image_sizes[rel] = e
-                got = image_sizes[rel]
-                if isinstance(got, BadRecordError):
-                    raise BadRecordError(item.id, got.reason)
-                sizes.append(got)
-            if renderer is not None:
-                counts = [renderer.token_count_for_size(s) for s in sizes]
-                renderer.render_text(item, counts, for_generation=for_generation)
-            good.append(item)
-        except BadRecordError as e:
-            if stop_at_first:
-                raise
-            bad.append(e)
-    return RecordIndex(good), bad, total
-
-
-class RenderedDataset(Dataset):
-    """Map-style dataset: index i -> ``RenderedSample`` (rendered on access)."""
-
-    def __init__(self, index: RecordIndex, renderer: Renderer,
-                 for_generation: bool = False) -> None:
-        self.index, self.renderer, self.for_generation = index, renderer, for_generation
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> RenderedSample:
-        return self.renderer(self.index[i], for_generation=self.for_generation)
 
 
 # Checked record indexes by (file, mtime, size, rendering settings); immutable, so shared.
@@ -157,6 +68,15 @@ class VLMDataModule(L.LightningDataModule):
             records held out for validation, chosen by a hash of each record's id, so the
             split is identical across runs, ranks, resumes and file orderings (see
             ``attanchor.data.split``; ``attanchor data split`` writes the same split to files).
+        max_image_pixels: images with more pixels (width x height) are bad records (a
+            decompression bomb cannot exhaust memory); every image is fully decoded when the
+            records are checked, so a truncated or corrupt one is caught before training.
+        group_by_length: batches of similar length (``attanchor.data.grouping``): the epoch
+            order comes from ``length_grouped_indices`` (still a function of seed and epoch,
+            still resumable) instead of a uniform shuffle.
+        packing: training batches of ``batch_size`` samples packed end to end into rows of
+            ``max_length`` tokens (``attanchor.data.packing``; padding-free; the model side
+            confines attention and anchoring to each sample). Evaluation stays padded.
     """
 
     def __init__(self, model_path: str, train_file: str | None = None,
@@ -168,7 +88,9 @@ class VLMDataModule(L.LightningDataModule):
                  scope: str = "image_turn", rejects_file: str | None = None,
                  image_cache_mb: float = 256.0, drop_last: bool = False,
                  pin_memory: bool = False, global_batch_size: int | None = None,
-                 val_fraction: float | None = None) -> None:
+                 val_fraction: float | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 group_by_length: bool = False, packing: bool = False) -> None:
         super().__init__()
         if format not in FORMATS:
             raise ValueError(f"format={format!r}: allowed are {FORMATS}")
@@ -206,6 +128,15 @@ class VLMDataModule(L.LightningDataModule):
         self.rejects_file, self.image_cache_mb, self.pin_memory = \
             rejects_file, image_cache_mb, pin_memory
         self.global_batch_size, self.val_fraction = global_batch_size, val_fraction
+        if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or \
+                max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels={max_image_pixels!r}: must be a positive int "
+                             "(width x height; images above it are bad records)")
+        self.max_image_pixels = max_image_pixels
+        self.group_by_length = group_by_length
+        self.packing = packing
+        self._train_sampler: ResumableSampler | None = None
+        self._sampler_state: dict[str, Any] | None = None  # from a checkpoint, until applied
         self._processor: Any = None
         self.datasets: dict[str, RenderedDataset] = {}
         self.rejects: dict[str, list[dict[str, str]]] = {}
@@ -213,10 +144,9 @@ class VLMDataModule(L.LightningDataModule):
     @property
     def processor(self) -> Any:
         if self._processor is None:
-            from transformers import AutoProcessor
+            from attanchor.data.images import load_processor  # Qwen without torchvision too
 
-            self._processor = AutoProcessor.from_pretrained(self.model_path,
-                                                            trust_remote_code=False)
+            self._processor = load_processor(self.model_path, trust_remote_code=False)
         return self._processor
 
     @property
@@ -270,7 +200,10 @@ class VLMDataModule(L.LightningDataModule):
         key = (str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size, self.format,
                str(Path(root).resolve()), self.template, self.scope, self.max_length,
                str(self.model_path), len(self.processor.tokenizer),
-               hash(self.processor.tokenizer.chat_template), gen, stop)
+               hash(self.processor.tokenizer.chat_template), gen, stop, self.max_image_pixels)
+        # Every image is decoded under this limit when checked (formats.check_image), and
+        # again, under the same limit, in the loader's workers (RenderedDataset).
+        set_max_image_pixels(self.max_image_pixels)
         try:
             if key not in _INDEX_CACHE:
                 _INDEX_CACHE[key] = index_records(
@@ -339,11 +272,14 @@ class VLMDataModule(L.LightningDataModule):
             if not self._has(split):
                 raise ValueError(f"no {split} file given ({split}_file)")
             self._index(split)
+        batcher = partial(collate, pad_token_id=self.pad_token_id, padding_side=padding_side)
+        if self.packing and split == "train":
+            batcher = partial(packed_collate, pad_token_id=self.pad_token_id,
+                              max_length=self.max_length)
         return DataLoader(
             self.datasets[split], batch_size=batch_size, sampler=sampler, shuffle=False,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            collate_fn=partial(collate, pad_token_id=self.pad_token_id,
-                               padding_side=padding_side),
+            collate_fn=batcher,
             pin_memory=self.pin_memory, drop_last=self.drop_last and split == "train")
 
     def train_dataloader(self) -> DataLoader:
@@ -351,11 +287,22 @@ class VLMDataModule(L.LightningDataModule):
             self._index("train")
         world = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        # Order = f(seed, epoch): Lightning calls set_epoch; resumes replay the same order.
-        sampler = DistributedSampler(self.datasets["train"], num_replicas=world, rank=rank,
-                                     shuffle=True, seed=self.seed, drop_last=self.drop_last)
+        # Order = f(seed, epoch): Lightning calls set_epoch; a checkpoint's position is applied.
+        sampler = ResumableSampler(len(self.datasets["train"]), num_replicas=world, rank=rank,
+                                   seed=self.seed, drop_last=self.drop_last,
+                                   order_fn=self._grouped_order(world))
+        if self._sampler_state is not None:
+            sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
+        self._train_sampler = sampler
         return self._loader("train", batch_size=self.batch_size, padding_side="right",
                             sampler=sampler)
+
+    def _grouped_order(self, world: int) -> Any:
+        """``epoch -> order`` with ``group_by_length`` (None: the sampler's shuffle)."""
+        if not self.group_by_length:
+            return None
+        return grouped_order_fn(self.datasets["train"], self.batch_size * world, self.seed)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self._has("val"):
@@ -370,18 +317,37 @@ class VLMDataModule(L.LightningDataModule):
         return self._loader("predict", batch_size=self.eval_batch_size, padding_side="left")
 
     # -- render settings in the checkpoint (Lightning stores state_dict() under the class name)
-    def state_dict(self) -> dict[str, Any]:
-        """How prompts were rendered: ``{"template", "scope", "format"}``. Lightning writes it
-        into every checkpoint, so evaluation renders prompts as training did
-        (``attanchor.train.checkpoint.load_anchored``)."""
+    def _render_state(self) -> dict[str, Any]:
         return {"template": self.template, "scope": self.scope, "format": self.format}
+
+    def state_dict(self) -> dict[str, Any]:
+        """How prompts were rendered, ``{"template", "scope", "format"}``, and during fit
+        where the training order stands, ``"sampler"`` (``ResumableSampler.state_dict``).
+        Lightning writes it into every checkpoint, so evaluation renders prompts as training
+        did (``attanchor.train.checkpoint.load_anchored``) and a resume continues the epoch
+        where it stopped."""
+        state = self._render_state()
+        sampler = self._train_sampler
+        if sampler is not None and self.trainer is not None and self.trainer.state.fn == "fit":
+            sampler.consumed = consumed_in_epoch(self.trainer, sampler, self.batch_size)
+            state["sampler"] = sampler.state_dict()
+        elif self._sampler_state is not None:  # restored but not yet applied: keep it
+            state["sampler"] = dict(self._sampler_state)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """On resume: the stored render settings must be this run's (a run trained half with
         one template and half with another has no meaning). Raises during fit on a mismatch;
         validate/test/predict with other settings only warn (evaluating another rendering on
-        purpose is legitimate)."""
-        current = self.state_dict()
+        purpose is legitimate). A stored ``"sampler"`` position is applied to the next training
+        loader (Lightning restores the data module before it asks for the loaders)."""
+        if "sampler" in state_dict and (self.trainer is None or self.trainer.state.fn == "fit"):
+            # Kept for the loader Lightning asks for next, and applied to one it already has
+            # (a second fit on the same trainer reuses its loader).
+            self._sampler_state = dict(state_dict["sampler"])
+            if self._train_sampler is not None:
+                self._train_sampler.load_state_dict(self._sampler_state)
+        current = self._render_state()
         changed = {k: (state_dict[k], current[k]) for k in current
                    if k in state_dict and state_dict[k] != current[k]}
         if not changed:

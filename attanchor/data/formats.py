@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -309,8 +310,9 @@ def resolve_image(image_root: str | os.PathLike, rel: str, record_id: str) -> Pa
     except FileNotFoundError:
         raise BadRecordError(record_id, f"image not found: {full} (image root {root}); fix the "
                                         "path or --image-root") from None
-    except (OSError, RuntimeError) as e:  # symlink loops, permission on a parent
-        raise BadRecordError(record_id, f"image path {full} cannot be resolved ({e})") from None
+    except (OSError, RuntimeError, ValueError) as e:  # symlink loops, parent permissions, NUL
+        raise BadRecordError(record_id, f"image path {full!r} cannot be resolved ({e})") \
+            from None
     if not target.is_relative_to(root):
         raise BadRecordError(record_id, f"image path {rel!r} is a symlink to {target}, outside "
                                         f"the image root {root}; copy the file into the root")
@@ -319,31 +321,79 @@ def resolve_image(image_root: str | os.PathLike, rel: str, record_id: str) -> Pa
     return target
 
 
-def load_image(path: Path, record_id: str) -> Image.Image:
-    """Decode an image fully and convert it to RGB; unreadable or corrupt -> ``BadRecordError``."""
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # 50 MP: above any training image, below a bomb
+_max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+_PIL_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own default
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Set this process's pixel limit (``width * height``) for ``load_image``/``check_image``.
+
+    The data module sets it from ``data.max_image_pixels`` (and every DataLoader worker sets it
+    again before decoding, so spawned workers agree). PIL's own bomb limit is raised to match
+    when ours is higher, so the limit that refuses an image is always this one.
+    """
+    global _max_image_pixels
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_image_pixels={limit!r}: must be a positive int (pixels, "
+                         f"width x height; default {DEFAULT_MAX_IMAGE_PIXELS:,})")
+    _max_image_pixels = limit
+    if Image.MAX_IMAGE_PIXELS is not None:  # None: someone turned PIL's check off on purpose
+        Image.MAX_IMAGE_PIXELS = max(_PIL_MAX_IMAGE_PIXELS, limit)
+
+
+def max_image_pixels() -> int:
+    """This process's pixel limit (``set_max_image_pixels``; default 50 MP)."""
+    return _max_image_pixels
+
+
+def load_image(path: Path, record_id: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image fully and convert it to RGB; return it.
+
+    Refused, each as a ``BadRecordError`` naming the record and the file: more than
+    ``max_pixels`` pixels (default: ``max_image_pixels()``), checked from the header before any
+    pixel is decoded, PIL's decompression-bomb warning and error included; a truncated file
+    (PIL refuses to decode a partial image: ``ImageFile.LOAD_TRUNCATED_IMAGES`` stays off); a
+    file that is not an image, unreadable, or that any decoder fails on. Nothing else escapes:
+    a broken image can never raise anything but ``BadRecordError``.
+    Example: a 10000 x 10000 PNG with ``max_pixels=50_000_000`` -> ``BadRecordError("r1",
+    "image .../big.png is 10000x10000 = 100,000,000 pixels, over the limit ...")``.
+    """
+    limit = max_image_pixels() if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > limit:
+                    raise BadRecordError(record_id, _too_big(path, w, h, limit))
+                im.load()
+                return im.convert("RGB")
+    except BadRecordError:
+        raise
     except PermissionError as e:
         raise BadRecordError(record_id, f"image {path} cannot be read ({e.strerror}); fix its "
                                         "permissions") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadRecordError(record_id, f"image {path} is corrupt or not an image ({e}); "
-                                        "replace the file or drop the record") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadRecordError(record_id, f"image {path} is a decompression bomb ({e}); over the "
+                                        f"limit of {limit:,} pixels: resize it, drop the record "
+                                        "or raise data.max_image_pixels") from None
+    except Exception as e:  # noqa: BLE001  (any decoder failure is this record's fault)
+        raise BadRecordError(record_id, f"image {path} is corrupt or not an image, or is "
+                                        f"truncated ({type(e).__name__}: {e}); replace the "
+                                        "file or drop the record") from None
 
 
-def check_image(path: Path, record_id: str) -> tuple[int, int]:
-    """Cheap integrity check without decoding pixels (header + PIL ``verify``); returns
-    ``(width, height)``. Used when records are indexed, before training starts."""
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-        return size
-    except PermissionError as e:
-        raise BadRecordError(record_id, f"image {path} cannot be read ({e.strerror}); fix its "
-                                        "permissions") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadRecordError(record_id, f"image {path} is corrupt or not an image ({e}); "
-                                        "replace the file or drop the record") from None
+def _too_big(path: Path, w: int, h: int, limit: int) -> str:
+    return (f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} (a "
+            "decompression bomb or an oversized image); resize it, drop the record or raise "
+            "data.max_image_pixels")
+
+
+def check_image(path: Path, record_id: str, max_pixels: int | None = None) -> tuple[int, int]:
+    """Decode the image exactly as training will (``load_image``: pixel limit, full decode, RGB
+    conversion) and return ``(width, height)``. Used when records are indexed, before training
+    starts, so an image that passes here cannot fail later in a DataLoader worker (unless the
+    file changes in between). ``verify()`` alone is not enough: it does not decode, so a
+    truncated JPEG passes it."""
+    return load_image(path, record_id, max_pixels).size

@@ -16,7 +16,9 @@ Rules (METHOD.md "Candidates"):
   turns that hold an image; ``all_user_turns``). Never role markers, the system prompt, image
   tokens, padding, unknown-word tokens (``unk`` is special) or a labelled token.
 - each image placeholder becomes the processor's number of image tokens (asked from the
-  processor, ``replace_image_token``), so the LLaVA model's placeholder check holds.
+  processor, ``replace_image_token``: LLaVA fixed, LLaVA-NeXT by ``image_sizes``, Qwen2.5-VL
+  ``grid // merge**2``; ``images.py``), so the model's placeholder check holds; the family's
+  size tensors and (Qwen) ``mm_token_type_ids`` ride along in the sample.
 - truncation to ``max_length`` never cuts an image span; the images and the first prompt must
   fit, and at least one answer token must remain, else the record is a ``BadRecordError``.
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from bisect import bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +37,16 @@ from PIL import Image
 
 from attanchor.data.formats import (
     IMAGE_PLACEHOLDER,
-    BadRecordError,
     Conversation,
     load_image,
     resolve_image,
+)
+from attanchor.data.images import (
+    ProcessedImage,
+    batch_images,
+    process,
+    take_images,
+    token_counts,
 )
 from attanchor.data.templates import (
     NAMED_TEMPLATES,
@@ -49,9 +56,9 @@ from attanchor.data.templates import (
     named_template_pieces,
     resolve_chat_template,
 )
+from attanchor.data.tokens import IGNORE_INDEX, TextRender, expand, token_pieces
 
 SCOPES = ("image_turn", "all_user_turns")
-IGNORE_INDEX = -100
 # Token kinds as stored in TextRender.kinds; "special" = added by the tokenizer, not in the text.
 KINDS = ("special", "bos", "template", "system", "user", "assistant", "image", "eot")
 _KIND_ID = {k: i for i, k in enumerate(KINDS)}
@@ -65,54 +72,12 @@ class RenderedSample:
     input_ids: torch.Tensor  # (L,) long
     labels: torch.Tensor  # (L,) long, -100 = not trained on
     candidate_mask: torch.Tensor  # (L,) bool
-    pixel_values: torch.Tensor | None  # (n_images, 3, H, W) float, None without images
-
-
-@dataclass
-class TextRender:
-    """The text half of a render (numpy, length L after image expansion and truncation)."""
-
-    input_ids: np.ndarray  # (L,) int64
-    labels: np.ndarray  # (L,) int64
-    candidate_mask: np.ndarray  # (L,) bool
-    kinds: np.ndarray  # (L,) int8 index into KINDS
-    num_images: int  # images whose tokens survived truncation
-
-
-def _raise_fit(rid: str, reason: str) -> None:
-    raise BadRecordError(rid, f"does not fit: {reason}")
-
-
-def _token_pieces(text: str, pieces: list[Piece], offsets, rid: str):
-    """Piece index of every token (-1: zero-width, added by the tokenizer) and whether it covers
-    only whitespace. A token whose non-blank characters fall in two pieces raises."""
-    starts, pos = [], 0
-    for p in pieces:
-        starts.append(pos)
-        pos += len(p.text)
-    owner, blank = [], []
-    for j, (s, e) in enumerate(offsets):
-        if s >= e:
-            owner.append(-1)
-            blank.append(False)
-            continue
-        chunk = text[s:e]
-        stripped = chunk.strip()
-        if not stripped:
-            owner.append(bisect_right(starts, s) - 1)
-            blank.append(True)
-            continue
-        a = s + len(chunk) - len(chunk.lstrip())
-        pa = bisect_right(starts, a) - 1
-        pb = bisect_right(starts, a + len(stripped) - 1) - 1
-        if pa != pb:
-            raise TemplateMismatchError(
-                rid, f"token {j} ({chunk!r}) spans two parts of the prompt ({pieces[pa].kind} "
-                     f"and {pieces[pb].kind}); the tokenizer merges template text with message "
-                     "text, so masks would be a guess; use a template that separates them")
-        owner.append(pa)
-        blank.append(False)
-    return owner, blank
+    # Float, None without images. LLaVA (n_images, 3, H, W); LLaVA-NeXT (n_images, n_tiles, 3,
+    # S, S); Qwen2.5-VL (n_patches, C * T * P * P), flat patches (attanchor.data.images).
+    pixel_values: torch.Tensor | None
+    image_sizes: torch.Tensor | None = None  # (n_images, 2) long, (h, w): LLaVA-NeXT
+    image_grid_thw: torch.Tensor | None = None  # (n_images, 3) long: Qwen2.5-VL
+    mm_token_type_ids: torch.Tensor | None = None  # (L,) int32, 1 at image tokens: Qwen2.5-VL
 
 
 def _prompt_only(conv: Conversation) -> Conversation:
@@ -211,7 +176,7 @@ class Renderer:
             add_special = not (self.bos_token and text.startswith(self.bos_token))
         enc = self.backend.encode(text, add_special_tokens=add_special)
         ids = enc.ids
-        owner, blank = _token_pieces(text, pieces, enc.offsets, rid)
+        owner, blank = token_pieces(text, pieces, enc.offsets, rid)
 
         n_img_pieces = sum(p.kind == "image" for p in pieces)
         if n_img_pieces != len(image_token_counts):
@@ -288,100 +253,82 @@ class Renderer:
                          turn in in_scope and lab == IGNORE_INDEX)
             if turn == first_user:
                 need = j + 1
-        reps_a = np.asarray(reps, dtype=np.int64)
-        ends = np.cumsum(reps_a)  # expanded end of each token
-        out = [np.repeat(np.asarray(x, dtype=dt), reps_a) for x, dt in
-               ((ids, np.int64), (labs, np.int64), (cands, bool), (kinds, np.int8))]
-        is_img = np.asarray(kinds, dtype=np.int8) == k_image  # per token, before expansion
-        img_end = ends[is_img]
-        img_start = img_end - reps_a[is_img]  # image i occupies [img_start[i], img_end[i])
-        need = int(ends[need - 1]) if need else 0
-        total, n_images = int(ends[-1]) if len(ends) else 0, n_img
-        cut = total
-        if self.max_length is not None and total > self.max_length:
-            if for_generation:
-                _raise_fit(rid, f"its prompt takes {total} tokens, more than max_length="
-                                f"{self.max_length}; raise max_length or shorten the prompt")
-            cut = self.max_length
-            inside = (img_start < cut) & (cut < img_end)
-            if inside.any():
-                cut = int(img_start[inside][0])  # never cut an image span
-            if cut < need:
-                _raise_fit(rid, f"its image(s) and first prompt take {need} tokens (whole "
-                                f"record {total}), more than max_length={self.max_length}; "
-                                "raise max_length or shorten the prompt")
-            n_images = int((img_start < cut).sum())
-            out = [x[:cut] for x in out]
-        if not for_generation and not (out[1] != IGNORE_INDEX).any():
-            _raise_fit(rid, f"no answer token fits in max_length={self.max_length} (the record "
-                            f"takes {total} tokens); raise max_length")
-        return TextRender(out[0], out[1], out[2], out[3], n_images)
+        return expand(rid, ids, labs, cands, kinds, reps, need, self.max_length,
+                      for_generation, k_image)
 
     # -- images -----------------------------------------------------------------------------
-    def image_token_counts(self, pixel_values: torch.Tensor) -> list[int]:
+    def image_token_counts(self, image_inputs: torch.Tensor | dict[str, Any]) -> list[int]:
         """Tokens the model reserves for each processed image, asked from the processor
-        (``replace_image_token``: patches + additional tokens - CLS per its strategy)."""
-        try:
-            return [self.processor.replace_image_token({"pixel_values": pixel_values}, i)
-                    .count(self.image_token) for i in range(len(pixel_values))]
-        except (AttributeError, NotImplementedError) as e:
-            raise TypeError(f"{type(self.processor).__name__} does not say how many tokens an "
-                            "image takes (replace_image_token); use a LlavaProcessor") from e
+        (``images.token_counts``: LLaVA fixed, NeXT by ``image_sizes``, Qwen by
+        ``image_grid_thw // merge**2``). ``image_inputs``: the image processor's output, or
+        LLaVA's ``pixel_values`` tensor."""
+        return token_counts(self.processor, image_inputs, self.image_token)
 
     def token_count_for_size(self, size: tuple[int, int]) -> int:
         """Token count of an image of ``size`` (width, height) without reading it (a blank
         image of that size is processed once per size). For checks before training."""
         if size not in self._size_counts:
-            pv = self.processor.image_processor(images=[Image.new("RGB", size)],
-                                                return_tensors="pt")["pixel_values"]
-            self._size_counts[size] = self.image_token_counts(pv)[0]
+            self._size_counts[size] = process(self.processor, Image.new("RGB", size),
+                                              self.image_token).num_tokens
         return self._size_counts[size]
 
-    def images(self, conv: Conversation) -> tuple[torch.Tensor | None, list[int]]:
-        """``(pixel_values (n_images, 3, H, W) | None, token count per image)`` for ``conv``:
-        images resolved under ``image_root``, decoded, processed (bad ones raise
-        ``BadRecordError``); both cached per path within ``image_cache_mb``."""
+    def image_inputs(self, conv: Conversation) -> tuple[dict[str, torch.Tensor] | None,
+                                                        list[int]]:
+        """``({"pixel_values", size tensors} | None, token count per image)`` for ``conv``
+        (layouts per family: ``attanchor.data.images``): images resolved under
+        ``image_root``, decoded, processed (bad ones raise ``BadRecordError``); cached per
+        path within ``image_cache_mb``."""
         if not conv.images:
             return None, []
         if self.image_root is None:
             raise ValueError(f"record {conv.id} has images but image_root is None")
-        pvs, counts = [], []
+        done = []
         for rel in conv.images:
             hit = self._cache.get(rel)
             if hit is None:
                 im = load_image(resolve_image(self.image_root, rel, conv.id), conv.id)
-                pv = self.processor.image_processor(images=[im], return_tensors="pt")[
-                    "pixel_values"]  # (1, 3, H, W)
-                hit = (pv[0], self.image_token_counts(pv)[0])
+                hit = process(self.processor, im, self.image_token)
                 self._remember(rel, hit)
             else:
                 self._cache.move_to_end(rel)
-            pvs.append(hit[0])
-            counts.append(hit[1])
-        return torch.stack(pvs), counts  # (n, 3, H, W)
+            done.append(hit)
+        return batch_images(done, f"record {conv.id}"), [h.num_tokens for h in done]
 
-    def _remember(self, key: str, item: tuple[torch.Tensor, int]) -> None:
-        size = item[0].numel() * item[0].element_size()
+    def images(self, conv: Conversation) -> tuple[torch.Tensor | None, list[int]]:
+        """``(pixel_values | None, token count per image)``: ``image_inputs`` without the size
+        tensors (LLaVA: (n_images, 3, H, W))."""
+        inputs, counts = self.image_inputs(conv)
+        return (None if inputs is None else inputs["pixel_values"]), counts
+
+    def _remember(self, key: str, item: ProcessedImage) -> None:
+        size = item.nbytes()
         if size > self._cache_limit:
             return
         self._cache[key] = item
         self._cache_bytes += size
         while self._cache_bytes > self._cache_limit:
-            _, (old, _) = self._cache.popitem(last=False)
-            self._cache_bytes -= old.numel() * old.element_size()
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes()
 
     def __call__(self, conv: Conversation, *, for_generation: bool = False) -> RenderedSample:
         """Render one conversation (module doc). Invariants: ``labels[i] in (-100,
         input_ids[i])``; ``candidate_mask`` and ``labels != -100`` are disjoint; the image
-        tokens number the processor's count summed over ``pixel_values``."""
-        pixel_values, counts = self.images(conv)
+        tokens number the processor's count summed over the images kept; size tensors
+        (``image_sizes`` / ``image_grid_thw``) have one row per image kept;
+        ``mm_token_type_ids`` (processors that return it: Qwen) is 1 exactly at image tokens."""
+        inputs, counts = self.image_inputs(conv)
         tr = self.render_text(conv, counts, for_generation=for_generation)
-        if pixel_values is not None:
-            pixel_values = pixel_values[:tr.num_images] if tr.num_images else None
+        kept = take_images(inputs, tr.num_images) if inputs is not None else None
+        kept = kept or {}
+        mm = None
+        if getattr(self.processor, "return_mm_token_type_ids", False):
+            mm = torch.from_numpy((tr.kinds == _KIND_ID["image"]).astype(np.int32))
         return RenderedSample(
             id=conv.id, input_ids=torch.from_numpy(tr.input_ids),
             labels=torch.from_numpy(tr.labels),
-            candidate_mask=torch.from_numpy(tr.candidate_mask), pixel_values=pixel_values)
+            candidate_mask=torch.from_numpy(tr.candidate_mask),
+            pixel_values=kept.get("pixel_values"), image_sizes=kept.get("image_sizes"),
+            image_grid_thw=kept.get("image_grid_thw"), mm_token_type_ids=mm)
 
 
 def render(conversation: Conversation, processor: Any, *, template: str | None = None,

@@ -44,9 +44,15 @@ def gather_similarities(recipe: dict, batches: int, device: str | torch.device =
         if i >= batches:
             break
         pv = batch["pixel_values"]
+        if pv is not None and pv.is_floating_point():
+            pv = pv.to(table.device, table.dtype)
+        # The family's other image keys (image_sizes, image_grid_thw, ...); its image mask
+        # holds only the positions that can be matched (LLaVA-NeXT: no newline slots).
+        extra = {k: batch[k].to(table.device) for k in wrapped.family.image_keys
+                 if k != "pixel_values" and batch.get(k) is not None}
         embeds, image_mask = wrapped.baseline_embeds(
-            batch["input_ids"].to(table.device),
-            None if pv is None else pv.to(table.device, table.dtype))
+            batch["input_ids"].to(table.device), None if pv is None else pv.to(table.device),
+            attention_mask=batch["attention_mask"].to(table.device), **extra)
         rows = image_mask.any(dim=1)  # text-only rows have nothing to match
         values.append(best_match_similarities(embeds[rows], image_mask[rows],
                                               batch["candidate_mask"].to(table.device)[rows]))

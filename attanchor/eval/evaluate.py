@@ -95,6 +95,9 @@ def generate_answers(anchored: AnchoredVLM, renderer: Renderer, items: Sequence[
         samples = [renderer(it.conversation, for_generation=True) for it in chunk]
         batch = collate(samples, tok.pad_token_id, padding_side="left")
         pv = batch["pixel_values"]
+        # The family's other image keys: image_sizes (LLaVA-NeXT), image_grid_thw (Qwen).
+        extra = {k: batch[k].to(device) for k in anchored.family.image_keys
+                 if k != "pixel_values" and batch.get(k) is not None}
         new = anchored.generate(
             batch["input_ids"].to(device),
             None if pv is None else pv.to(device, dtype),
@@ -103,7 +106,7 @@ def generate_answers(anchored: AnchoredVLM, renderer: Renderer, items: Sequence[
             # The random control's placements key on the record, not on its row in the batch.
             sample_index=batch["sample_index"].to(device),
             max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **extra)
         texts = tok.batch_decode(new, skip_special_tokens=True)
         counts = anchored.last_anchor_counts.tolist()
         for it, sample, text, n in zip(chunk, samples, texts, counts):

@@ -1,9 +1,14 @@
 """lmms-eval model plugin: run an exported anchored checkpoint through the standard harness.
 
-An exported checkpoint is a directory that ``LlavaForConditionalGeneration.from_pretrained`` and
-``AutoProcessor.from_pretrained`` load (weights, config, tokenizer, image processor, chat template)
-with ``anchor_config.json`` (``AnchorConfig.to_dict()``) beside ``config.json``. The plugin wraps
-the model in ``AnchoredVLM`` so every prompt is regrouped exactly as in training.
+An exported checkpoint is what ``attanchor export`` writes (``train.export``): a merged / full
+model directory of any supported family (LLaVA, LLaVA-NeXT, Qwen2.5-VL) or an adapter export
+(``adapter_config.json``, its base loaded from ``base_model_name_or_path``), with the processor
+and ``anchor_config.json`` (``AnchorConfig.to_dict()``) beside it and, when the run recorded
+them, its ``render_config.json`` settings (chat template, candidate scope). The plugin wraps the
+model in ``AnchoredVLM`` so every prompt is regrouped exactly as in training, and renders every
+prompt through the training ``Renderer`` (``attanchor.data.render``): the same template pieces,
+the same candidate rule, the same image path (each request image is written losslessly as PNG
+and read back by the loader training uses), the same collate.
 
 Use it from the command line (needs the entry point below in the installed package's metadata):
     python -m lmms_eval --model anchored_llava --model_args pretrained=DIR,threshold=0.14 \\
@@ -13,10 +18,10 @@ or pass an ``AnchoredLlava(pretrained=DIR)`` instance as ``model``.
 Entry point (pyproject): [project.entry-points."lmms_eval.models"]
     anchored_llava = "attanchor.eval.lmms_plugin:lmms_manifest"
 
-Candidates (the tokens that may become anchors) of a harness prompt: the tokens of the user
-message's text, except image tokens and special tokens, i.e. the whole single user turn, the
-default scope (shared/METHOD.md). Chat-template text (role markers, system prompt) and padding
-are never candidates (nor are words the tokenizer maps to a special unknown token).
+Candidates (the tokens that may become anchors) of a harness prompt: the Renderer's rule for
+a single user turn, i.e. the tokens of the user message's text, except image tokens and special
+tokens (shared/METHOD.md). Chat-template text (role markers, system prompt) and padding are
+never candidates (nor are words the tokenizer maps to a special unknown token).
 
 The functions here need no lmms-eval; ``AnchoredLlava`` does, and raises a clear ImportError
 without it. lmms-eval 0.7.3 declares torchvision (whose PyPI wheel fails next to a CPU torch and
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,13 +65,13 @@ def load_anchored_checkpoint(path: str | Path, *, device: str | torch.device = "
     top_fraction, max_anchors, pause_tokens, scope, seed); the strings "none"/"null" stand for
     None in threshold, top_fraction and max_anchors (command-line model_args are strings).
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from attanchor.train.export import load_exported
 
     root = Path(path)
     cfg_file = root / "anchor_config.json"
-    if not (root / "config.json").is_file():
-        raise FileNotFoundError(f"{root} holds no config.json: not an exported HF Llava model "
-                                "directory (write one with `attanchor export`)")
+    if not (root / "config.json").is_file() and not (root / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{root} holds no config.json (nor adapter_config.json): not "
+                                "an exported model directory (write one with `attanchor export`)")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} is missing: export the checkpoint with "
                                 "`attanchor export`, or write AnchorConfig(...).to_dict() there "
@@ -76,108 +82,113 @@ def load_anchored_checkpoint(path: str | Path, *, device: str | torch.device = "
             value = None
         saved[key] = value
     config = AnchorConfig.from_dict(saved)
-    if isinstance(dtype, str) and dtype != "auto":
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r}: expected 'auto' or a torch dtype name such as "
-                             "'float32', 'bfloat16', 'float16'")
-        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={dtype!r}: expected 'auto' or a torch dtype name such as "
+                         "'float32', 'bfloat16', 'float16'")
     target = resolve_device(device)  # before loading: a bad device fails at once
-    model = LlavaForConditionalGeneration.from_pretrained(root, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(root)
+    model, processor, _ = load_exported(root, dtype=dtype)  # merged, full or adapter export
     vlm = place_model(AnchoredVLM(model, config), target)
     vlm.eval()
     return vlm, processor
 
 
-def _chat_prompt(processor: Any, context: str, n_images: int) -> tuple[str, int, int]:
-    """Chat-template text of one user turn, and the (start, end) chars of its user text.
+def renderer_for(path: str | Path, processor: Any, config: AnchorConfig) -> Any:
+    """The training ``Renderer`` of an export: its ``render_config.json`` template and scope
+    when it has one, else the model's own chat template and the anchor config's scope."""
+    from attanchor.data.render import Renderer
+    from attanchor.train.export import read_render_config
 
-    The context gets one "<image>\\n" per image in front when it has no placeholder (lmms-eval
-    prompts usually have none); otherwise its placeholders must match the images.
-    """
+    settings = read_render_config(path)
+    template = settings.template if settings is not None else None
+    scope = settings.scope if settings is not None else config.scope
+    return Renderer(processor, template=template, scope=scope)
+
+
+def _as_renderer(processor_or_renderer: Any) -> Any:
+    from attanchor.data.render import Renderer
+
+    if isinstance(processor_or_renderer, Renderer):
+        return processor_or_renderer
+    return Renderer(processor_or_renderer)  # the model's own chat template
+
+
+def _user_content(context: str, n_images: int) -> str:
+    """The user message: one "<image>\n" per image in front when the context has no
+    placeholder (lmms-eval prompts usually have none); otherwise its placeholders must match
+    the images."""
     if IMAGE_PLACEHOLDER in context:
         if context.count(IMAGE_PLACEHOLDER) != n_images:
             raise ValueError(f"prompt has {context.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} "
                              f"placeholders but the request brings {n_images} images: {context!r}")
-        content = context
-    else:
-        content = f"{IMAGE_PLACEHOLDER}\n" * n_images + context
-    owner = processor if getattr(processor, "chat_template", None) else processor.tokenizer
-    if not getattr(owner, "chat_template", None):
-        raise ValueError("the checkpoint's processor and tokenizer have no chat template; "
-                         "export it with one")
-    text = owner.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                     add_generation_prompt=True)
-    start = text.rfind(content)
-    if start < 0:
-        raise ValueError(f"the chat template rewrote the user text, so its tokens cannot be "
-                         f"located: {content!r} not in {text!r}")
-    return text, start, start + len(content)
-
-
-def _to_expanded(pos: int, replacements: Sequence[dict[str, Any]]) -> int:
-    """A char position of the templated text -> the same position after the processor
-    expanded each image placeholder into its image tokens."""
-    shift = 0
-    for r in replacements:
-        (s, e), (ns, ne) = r["span"], r["new_span"]
-        if e <= pos:
-            shift += (ne - ns) - (e - s)
-    return pos + shift
+        return context
+    return f"{IMAGE_PLACEHOLDER}\n" * n_images + context
 
 
 def prompt_inputs(processor: Any, contexts: Sequence[str], images: Sequence[Sequence[Image.Image]],
-                  continuations: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """Tokenise single-turn prompts (left-padded) with their images and candidate masks.
+                  continuations: Sequence[str] | None = None) -> dict[str, Any]:
+    """Render single-turn prompts through the training ``Renderer`` and collate them
+    left-padded (``AnchoredVLM.generate`` requires it).
 
-    Returns input_ids (B, L) long, attention_mask (B, L) long, pixel_values (N_images, 3, H, W),
-    candidate_mask (B, L) bool: True at tokens of the user text that are neither image tokens
-    nor special tokens. With `continuations`, each is appended after the generation prompt and
-    "continuation_mask" (B, L) bool marks the tokens that hold continuation characters.
+    ``processor``: a ``Renderer`` (the plugin's, from the export's render settings) or a
+    processor (then a ``Renderer`` with the model's own chat template). Returns collate's batch
+    (``attanchor.data.collate``): input_ids (B, L) long, attention_mask (B, L) long,
+    pixel_values and the family's size tensors (``image_sizes`` / ``image_grid_thw``),
+    candidate_mask (B, L) bool (the Renderer's candidates). With ``continuations`` each is the
+    assistant answer (leading blanks dropped: the template's assistant prefix has its own) and
+    "continuation_mask" (B, L) bool marks its tokens (not the end-of-turn token).
 
     Example (tiny model): "<image>\\nIs there a red shape?" -> "USER: <image>x64\\nis there a
     red shape ? ASSISTANT:" with candidates exactly at "is there a red shape ?".
     """
+    from attanchor.data.collate import collate
+    from attanchor.data.formats import Conversation, Turn
+    from attanchor.data.render import Renderer
+
     if len(contexts) != len(images):
         raise ValueError(f"{len(contexts)} prompts but {len(images)} image lists")
-    tok = processor.tokenizer
-    texts, spans, cont_starts = [], [], []
-    for i, (context, imgs) in enumerate(zip(contexts, images, strict=True)):
-        if not imgs or not all(isinstance(im, Image.Image) for im in imgs):
-            raise ValueError(f"request {i}: expected one or more PIL images, got {imgs!r} "
-                             "(video and text-only requests are not supported)")
-        text, start, end = _chat_prompt(processor, context, len(imgs))
-        cont_starts.append(len(text))
-        if continuations is not None:
-            text = text + continuations[i]
-        texts.append(text)
-        spans.append((start, end))
-    # Left padding: AnchoredVLM.generate requires it.
-    enc = processor(text=texts, images=[im.convert("RGB") for imgs in images for im in imgs],
-                    return_tensors="pt", padding=True, padding_side="left",
-                    return_offsets_mapping=True, return_text_replacement_offsets=True)
-    if "offset_mapping" not in enc or "text_replacement_offsets" not in enc:
-        raise ValueError("the processor returned no offset_mapping/text_replacement_offsets: "
-                         "a fast tokenizer and a transformers 5 processor are required")
-    offsets = enc["offset_mapping"]  # (B, L, 2) chars of the expanded text
-    special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
-    ids = enc["input_ids"]
-    plain = ~torch.isin(ids, special) & (ids != int(processor.image_token_id))  # (B, L)
-    nonempty = offsets[..., 1] > offsets[..., 0]
-    cand = torch.zeros_like(ids, dtype=torch.bool)
-    cont = torch.zeros_like(ids, dtype=torch.bool)
-    for b, (start, end) in enumerate(spans):
-        reps = enc["text_replacement_offsets"][b]
-        lo, hi = _to_expanded(start, reps), _to_expanded(end, reps)
-        inside = (offsets[b, :, 0] >= lo) & (offsets[b, :, 1] <= hi)
-        cand[b] = inside & plain[b] & nonempty[b] & (enc["attention_mask"][b] > 0)
-        c0 = _to_expanded(cont_starts[b], reps)
-        cont[b] = (offsets[b, :, 1] > c0) & nonempty[b] & (enc["attention_mask"][b] > 0)
-    out = {"input_ids": ids, "attention_mask": enc["attention_mask"],
-           "pixel_values": enc["pixel_values"], "candidate_mask": cand}
+    if continuations is not None and len(continuations) != len(contexts):
+        raise ValueError(f"{len(contexts)} prompts but {len(continuations)} continuations")
+    base = _as_renderer(processor)
+    samples = []
+    with tempfile.TemporaryDirectory(prefix="attanchor-lmms-") as tmp:
+        # The same image path as training: decoded by the data loader from a lossless file.
+        renderer = Renderer(base.processor, template=base.template, scope=base.scope,
+                            image_root=tmp)
+        for i, (context, imgs) in enumerate(zip(contexts, images, strict=True)):
+            if not imgs or not all(isinstance(im, Image.Image) for im in imgs):
+                raise ValueError(f"request {i}: expected one or more PIL images, got {imgs!r} "
+                                 "(video and text-only requests are not supported)")
+            names = [f"{i}-{j}.png" for j in range(len(imgs))]
+            for name, im in zip(names, imgs, strict=True):
+                im.convert("RGB").save(Path(tmp) / name)
+            turns = [Turn("user", _user_content(context, len(imgs)))]
+            if continuations is not None:
+                turns.append(Turn("assistant", continuations[i].lstrip()))
+            conv = Conversation(f"request-{i}", turns, names)
+            samples.append(renderer(conv, for_generation=continuations is None))
+    tok = base.tokenizer
+    batch = collate(samples, tok.pad_token_id, padding_side="left")
     if continuations is not None:
-        out["continuation_mask"] = cont
-    return out
+        special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+        labels = batch.pop("labels")
+        batch["continuation_mask"] = (labels != -100) & ~torch.isin(labels, special)
+    else:
+        batch.pop("labels")
+    return batch
+
+
+def _model_inputs(vlm: AnchoredVLM, batch: dict[str, Any]) -> tuple[list[Tensor], dict]:
+    """(input_ids, pixel_values, attention_mask) and the family's other image keys, on the
+    model's device (pixels in its dtype)."""
+    device = next(vlm.parameters()).device
+    dtype = next(vlm.model.parameters()).dtype
+    pixels = batch["pixel_values"]
+    pixels = pixels.to(device, dtype) if pixels.is_floating_point() else pixels.to(device)
+    extra = {k: batch[k].to(device) for k in vlm.family.image_keys
+             if k != "pixel_values" and batch.get(k) is not None}
+    return [batch["input_ids"].to(device), pixels, batch["attention_mask"].to(device)], extra
 
 
 def _generation_settings(gen_kwargs: dict[str, Any], default_max_new_tokens: int,
@@ -212,15 +223,14 @@ def _cut(text: str, until: Sequence[str]) -> str:
 def generate_answers(vlm: AnchoredVLM, processor: Any, contexts: Sequence[str],
                      images: Sequence[Sequence[Image.Image]], gen_kwargs: dict[str, Any],
                      default_max_new_tokens: int = 128) -> list[str]:
-    """Answer a batch of single-turn prompts with anchored generation; one string each."""
+    """Answer a batch of single-turn prompts with anchored generation; one string each.
+    ``processor``: the plugin's ``Renderer`` or a processor (``prompt_inputs``)."""
     inputs = prompt_inputs(processor, contexts, images)
-    device = next(vlm.parameters()).device
-    dtype = next(vlm.model.parameters()).dtype
     hf_kwargs, until = _generation_settings(gen_kwargs, default_max_new_tokens,
                                             processor.tokenizer)
-    new = vlm.generate(inputs["input_ids"].to(device), inputs["pixel_values"].to(device, dtype),
-                       inputs["attention_mask"].to(device),
-                       candidate_mask=inputs["candidate_mask"].to(device), **hf_kwargs)
+    args, extra = _model_inputs(vlm, inputs)
+    new = vlm.generate(*args, candidate_mask=inputs["candidate_mask"].to(args[0].device),
+                       **extra, **hf_kwargs)
     texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
     return [_cut(t, until) for t in texts]
 
@@ -235,16 +245,16 @@ def continuation_loglikelihood(vlm: AnchoredVLM, processor: Any, context: str,
     and is never a candidate. A token that straddles the prompt/continuation boundary counts
     as continuation.
     """
+    if not continuation.strip():
+        raise ValueError(f"continuation {continuation!r} produced no tokens")
     inputs = prompt_inputs(processor, [context], [images], continuations=[continuation])
     mask = inputs["continuation_mask"]
     if not mask.any():
         raise ValueError(f"continuation {continuation!r} produced no tokens")
-    device = next(vlm.parameters()).device
-    dtype = next(vlm.model.parameters()).dtype
     labels = torch.where(mask, inputs["input_ids"], torch.full_like(inputs["input_ids"], -100))
-    out = vlm(inputs["input_ids"].to(device), inputs["pixel_values"].to(device, dtype),
-              inputs["attention_mask"].to(device), labels=labels.to(device),
-              candidate_mask=inputs["candidate_mask"].to(device))
+    args, extra = _model_inputs(vlm, inputs)
+    out = vlm(*args, labels=labels.to(args[0].device),
+              candidate_mask=inputs["candidate_mask"].to(args[0].device), **extra)
     if vlm.config.active:  # logits are over the regrouped sequence: use its labels
         labels = vlm.last_regrouped.labels
     logits = out.logits[:, :-1].float()  # (1, L'-1, V) predicts positions 1..L'-1
@@ -314,6 +324,8 @@ if _LmmsBase is not None:
             self.max_new_tokens = int(max_new_tokens)
             self.vlm, self.processor = load_anchored_checkpoint(
                 pretrained, device=device, dtype=dtype, **anchor_overrides)
+            # Prompts render as in training: the export's template and candidate scope.
+            self.renderer = renderer_for(pretrained, self.processor, self.vlm.config)
             self.pretrained = str(pretrained)
 
         @property
@@ -338,7 +350,7 @@ if _LmmsBase is not None:
                     args = [requests[i].args for i in chunk]
                     contexts = [a[0] for a in args]
                     images = [self._visuals(a[2], a[3], a[4], a[5]) for a in args]
-                    outs = generate_answers(self.vlm, self.processor, contexts, images,
+                    outs = generate_answers(self.vlm, self.renderer, contexts, images,
                                             dict(args[0][1]), self.max_new_tokens)
                     for i, text in zip(chunk, outs, strict=True):
                         answers[i] = text
@@ -352,7 +364,7 @@ if _LmmsBase is not None:
                 doc = self.task_dict[task][split][doc_id]
                 continuation = target if isinstance(target, str) else target(doc)
                 images = self._visuals(doc_to_visual, doc_id, task, split)
-                results.append(continuation_loglikelihood(self.vlm, self.processor, context,
+                results.append(continuation_loglikelihood(self.vlm, self.renderer, context,
                                                           continuation, images))
             return results
 

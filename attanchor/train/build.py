@@ -1,9 +1,10 @@
-"""Model building: load a LLaVA checkpoint, then choose what trains (stage x mode).
+"""Model building: load a VLM checkpoint, then choose what trains (stage x mode).
 
 Two steps, kept apart so a recipe can combine them freely:
 
-- ``load_model``: ``LlavaForConditionalGeneration.from_pretrained`` with dtype, attention
-  implementation, gradient checkpointing and optional QLoRA (bitsandbytes nf4) quantization.
+- ``load_model``: the checkpoint's class (by its config's ``model_type``: LLaVA, LLaVA-NeXT or
+  Qwen2.5-VL, ``train.parts``) ``.from_pretrained`` with dtype, attention implementation,
+  gradient checkpointing and optional QLoRA (bitsandbytes nf4) quantization.
 - ``configure_trainable``: freeze/unfreeze and wrap in peft according to
 
   ============  ==============================  ==========================================
@@ -19,7 +20,9 @@ Two steps, kept apart so a recipe can combine them freely:
   on the projector's Linear layers; ``projector_mode="full"`` trains the projector's own weights
   (peft ``modules_to_save`` in the peft modes). The vision tower is frozen unless
   ``freeze_vision_tower=False`` (then it trains fully; in the peft modes through
-  ``modules_to_save``).
+  ``modules_to_save``). Module names come from the family (``train.parts``): LLaVA-NeXT's
+  ``image_newline`` trains fully with its projector; Qwen2.5-VL's projector is
+  ``model.visual.merger``.
 
 Example::
 
@@ -36,8 +39,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration
+from transformers import PreTrainedModel
 
+from attanchor.train.parts import model_class, parts_for, parts_of
 from attanchor.train.sharding import outside_zero_init, zero3_from_pretrained
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,9 +49,9 @@ STAGES = ("pretrain", "finetune")
 MODES = ("full", "lora", "qlora")
 PROJECTOR_MODES = ("lora", "full")
 
-# Full module-name prefixes (relative to LlavaForConditionalGeneration) that QLoRA must keep in
-# float: bitsandbytes matches skip modules by prefix, a bare "vision_tower" would not match.
-QLORA_SKIP_MODULES = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+# Full module-name prefixes QLoRA keeps in float (LLaVA's; per family: ``Parts.qlora_skip``):
+# bitsandbytes matches skip modules by prefix, a bare "vision_tower" would not match.
+QLORA_SKIP_MODULES = parts_for("llava").qlora_skip
 
 # The language model's attention and MLP projections only; a bare ["q_proj", "v_proj"] list
 # would also hit CLIP's attention (see shared/STACK.md).
@@ -62,7 +66,7 @@ def _torch_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _enable_gradient_checkpointing(model: LlavaForConditionalGeneration) -> None:
+def _enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     # Non-reentrant checkpointing needs no `enable_input_require_grads` hack with frozen
     # embeddings (LoRA) and is what torch recommends.
     kwargs = {"use_reentrant": False}
@@ -84,11 +88,14 @@ def load_model(
     device_map: str | dict | None = None,
     zero3_config: dict | None = None,
     empty: bool = False,
-) -> LlavaForConditionalGeneration:
-    """Load a LLaVA model from a directory or hub id.
+) -> PreTrainedModel:
+    """Load a supported VLM from a directory or hub id, the class picked by its config.
 
     Args:
-        model_path: local directory or hub id (``llava-hf/llava-1.5-7b-hf``).
+        model_path: local directory or hub id (``llava-hf/llava-1.5-7b-hf``,
+            ``llava-hf/llava-v1.6-vicuna-7b-hf``, ``Qwen/Qwen2.5-VL-3B-Instruct``); its
+            ``model_type`` (llava, llava_next, qwen2_5_vl) picks the class (``train.parts``),
+            any other raises naming the supported ones.
         dtype: ``float32`` | ``bfloat16`` | ``float16`` (weights; for nf4 also the compute dtype).
         attn_implementation: ``eager`` | ``sdpa`` | ``flash_attention_2`` | ... (None: the
             transformers default).
@@ -115,6 +122,11 @@ def load_model(
         gradients (shared/STACK.md).
     """
     torch_dtype = _torch_dtype(dtype)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    parts = parts_for(str(config.model_type))
+    cls = model_class(parts.model_type)
     kwargs: dict = {
         "dtype": torch_dtype,
         "attn_implementation": attn_implementation,
@@ -136,7 +148,7 @@ def load_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype,
-            llm_int8_skip_modules=list(QLORA_SKIP_MODULES),
+            llm_int8_skip_modules=list(parts.qlora_skip),
         )
         if device_map is None and torch.cuda.is_available():
             device_map = {"": int(os.environ.get("LOCAL_RANK", "0"))}
@@ -147,22 +159,19 @@ def load_model(
         if quantization is not None or device_map is not None or zero3_config is not None:
             raise ValueError("empty=True (FSDP's meta-device ranks) with quantization, a "
                              "device_map or ZeRO-3: FSDP shards plain weights only")
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            model = LlavaForConditionalGeneration._from_config(
+            model = cls._from_config(
                 config, dtype=torch_dtype, attn_implementation=attn_implementation)
     elif zero3_config is not None:
         if quantization is not None or device_map is not None:
             raise ValueError("zero3_config with quantization or a device_map: QLoRA does not "
                              "shard under ZeRO-3; use deepspeed_stage_2 or ddp for QLoRA")
         model = zero3_from_pretrained(
-            LlavaForConditionalGeneration, model_path, zero3_config, dtype=torch_dtype,
+            cls, model_path, zero3_config, dtype=torch_dtype,
             attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
     else:
         with outside_zero_init():
-            model = LlavaForConditionalGeneration.from_pretrained(model_path, **kwargs)
+            model = cls.from_pretrained(model_path, **kwargs)
 
     if quantization is not None:
         import bitsandbytes as bnb
@@ -188,20 +197,13 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
 
 
-def _base_llava(model: nn.Module) -> LlavaForConditionalGeneration:
-    if not isinstance(model, LlavaForConditionalGeneration):
-        raise TypeError(
-            f"configure_trainable expects a LlavaForConditionalGeneration from load_model, got "
-            f"{type(model).__name__} (call it once, on the unwrapped model)"
-        )
-    return model
-
-
-def projector_linear_names(model: LlavaForConditionalGeneration) -> list[str]:
-    """Full names of the projector's Linear layers, e.g. ``model.multi_modal_projector.linear_1``."""
+def projector_linear_names(model: PreTrainedModel) -> list[str]:
+    """Full names of the projector's Linear layers, e.g. ``model.multi_modal_projector.linear_1``
+    (Qwen2.5-VL: ``model.visual.merger.mlp.0``)."""
+    prefix = parts_of(model).projector
     names = [
-        f"model.multi_modal_projector.{n}"
-        for n, m in model.model.multi_modal_projector.named_modules()
+        f"{prefix}.{n}"
+        for n, m in model.get_submodule(prefix).named_modules()
         if isinstance(m, nn.Linear) and n
     ]
     if not names:
@@ -224,7 +226,7 @@ def _lora_targets(
 
 
 def configure_trainable(
-    model: LlavaForConditionalGeneration,
+    model: PreTrainedModel,
     *,
     stage: str = "finetune",
     mode: str = "lora",
@@ -255,7 +257,11 @@ def configure_trainable(
         the parts named above have ``requires_grad=True``; a result with no trainable
         parameter raises.
     """
-    base = _base_llava(model)
+    try:
+        parts = parts_of(model)
+    except TypeError as e:
+        raise TypeError(f"configure_trainable: {e}") from None
+    base = model
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r}: allowed are {STAGES}")
     if mode not in MODES:
@@ -281,14 +287,18 @@ def configure_trainable(
         )
 
     base.requires_grad_(False)
+    loose = [base.get_parameter(n) for n in parts.projector_params]  # (NeXT: image_newline)
     if mode == "full":
-        base.model.multi_modal_projector.requires_grad_(train_projector)
-        if stage == "finetune":
-            base.model.language_model.requires_grad_(True)
-            base.lm_head.requires_grad_(True)
-            # Tied embeddings: lm_head shares the embedding weight, both now trainable.
         if not freeze_vision_tower:
-            base.model.vision_tower.requires_grad_(True)
+            for name in parts.vision_tower:
+                base.get_submodule(name).requires_grad_(True)
+        base.get_submodule(parts.projector).requires_grad_(train_projector)
+        for p in loose:
+            p.requires_grad_(train_projector)
+        if stage == "finetune":
+            base.get_submodule(parts.language_model).requires_grad_(True)
+            base.get_submodule(parts.lm_head).requires_grad_(True)
+            # Tied embeddings: lm_head shares the embedding weight, both now trainable.
         _check_any_trainable(base)
         return base
 
@@ -300,9 +310,12 @@ def configure_trainable(
         if projector_mode == "lora":
             extra_targets += projector_linear_names(base)
         else:
-            modules_to_save.append("model.multi_modal_projector")
+            modules_to_save.append(parts.projector)
     if not freeze_vision_tower:
-        modules_to_save.append("model.vision_tower")
+        for name in parts.vision_tower:  # a ModuleList (Qwen's blocks): each block (peft
+            sub = base.get_submodule(name)  # wraps modules; the model iterates the list)
+            modules_to_save += [f"{name}.{i}" for i in range(len(sub))] \
+                if isinstance(sub, nn.ModuleList) else [name]
 
     if stage == "pretrain":
         # No adapters in the LLM: only the projector is trained.
@@ -325,6 +338,10 @@ def configure_trainable(
     )
     with outside_zero_init():
         peft_model = get_peft_model(base, config)
+    # Loose parameters (no Linear for LoRA) train fully with the projector; they live in the
+    # base model, so checkpoints (trainable_state_dict) and exports (export.py) carry them.
+    for p in loose:
+        p.requires_grad_(train_projector)
     _check_any_trainable(peft_model)
     return peft_model
 

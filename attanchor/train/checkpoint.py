@@ -4,6 +4,9 @@ the render settings (chat template, candidate scope, format) the run trained wit
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,14 +63,74 @@ def load_module(ckpt_path: str | Path, *, model_path: str | None = None,
 DATAMODULE_STATE_KEY = "VLMDataModule"  # where Lightning stores VLMDataModule.state_dict()
 
 
+def source_fingerprint(path: str | Path) -> str:
+    """A sha256 over the relative path, size and mtime (ns) of every file under ``path`` (a
+    ZeRO checkpoint directory) or of ``path`` itself: it changes whenever the checkpoint is
+    rewritten, without reading the (large) shards."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}\0{st.st_size}\0"
+                 f"{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _fingerprint_file(derived: Path) -> Path:
+    return derived.with_name(derived.name + ".source.json")
+
+
+EXPORT_SOURCE_FILE = "source.json"  # in an export: the checkpoint it came from, fingerprinted
+
+
+def write_export_source(out_dir: str | Path, checkpoint: str | Path) -> Path:
+    """Record in export ``out_dir`` which checkpoint it was made from and that checkpoint's
+    ``source_fingerprint`` (``attanchor export`` calls it)."""
+    out = Path(out_dir) / EXPORT_SOURCE_FILE
+    out.write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve()),
+                               "fingerprint": source_fingerprint(checkpoint)}, indent=2))
+    return out
+
+
+def export_staleness(export_dir: str | Path) -> str | None:
+    """Why export ``export_dir`` no longer matches its checkpoint (rewritten since), or None
+    (it matches, or records no source, or its checkpoint is gone)."""
+    stamp = Path(export_dir) / EXPORT_SOURCE_FILE
+    if not stamp.is_file():
+        return None
+    src = json.loads(stamp.read_text())
+    ckpt = Path(src["checkpoint"])
+    if ckpt.exists() and source_fingerprint(ckpt) != src["fingerprint"]:
+        return (f"{export_dir} was exported from {ckpt}, which has been rewritten since: "
+                f"re-export it (attanchor export --checkpoint {ckpt} --out {export_dir} "
+                "--overwrite)")
+    return None
+
+
 def _ckpt_file(path: Path) -> Path:
-    """The one-file form of a checkpoint (a ZeRO directory's consolidated file)."""
+    """The one-file form of a checkpoint (a ZeRO directory's consolidated file).
+
+    The consolidated file is reused only while its ``<file>.source.json`` records the current
+    ``source_fingerprint`` of the directory; a rewritten checkpoint (a resumed run saving
+    ``last`` again) is consolidated anew, never answered with the stale weights."""
     if path.is_dir():
         consolidated = path.parent / f"{path.name}.consolidated.ckpt"
-        if not consolidated.exists():
+        stamp = _fingerprint_file(consolidated)
+        fingerprint = source_fingerprint(path)
+        try:
+            recorded = json.loads(stamp.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError):
+            recorded = None  # none (an older consolidation) or unreadable: rebuild
+        if not consolidated.exists() or recorded != fingerprint:
             from attanchor.train.strategies import consolidate_checkpoint
 
+            stamp.unlink(missing_ok=True)  # a kill mid-rebuild leaves no stale stamp
             consolidate_checkpoint(path, consolidated)
+            tmp = stamp.with_name(stamp.name + ".tmp")
+            tmp.write_text(json.dumps({"source": str(path.resolve()),
+                                       "fingerprint": fingerprint}))
+            os.replace(tmp, stamp)
         return consolidated
     return path
 
@@ -85,6 +148,8 @@ def render_settings_of(path: str | Path) -> RenderSettings | None:
     # mmap: only the small dicts are read, not the weights (a full fine-tune's are large).
     ckpt = torch.load(_ckpt_file(path), map_location="cpu", weights_only=True, mmap=True)
     state = ckpt.get(DATAMODULE_STATE_KEY)
+    if state is not None:  # the data module also stores its sampler position there
+        state = {k: v for k, v in state.items() if k != "sampler"}
     if state is None:
         hp = ckpt.get("datamodule_hyper_parameters") or {}
         if not {"template", "scope"} <= set(hp):
@@ -129,19 +194,29 @@ def load_anchored(path: str | Path, *, anchor: AnchorConfig | None = None,
     ``attanchor.eval.device.resolve_device``; None: stay on the CPU) receives the model in the
     dtype it was trained or exported in (``Module.to(device)`` casts nothing).
     """
-    from transformers import AutoProcessor
+    from attanchor.train.export import load_processor  # Qwen's needs no torchvision
 
     path = Path(path)
     stored = render_settings_of(path)
     if path.is_dir() and _is_export(path):
         from attanchor.train.export import load_exported
 
+        stale = export_staleness(path)
+        if stale is not None:
+            raise ValueError(stale)
         model, processor, saved = load_exported(path)
-        config = anchor or AnchorConfig.from_dict(saved or {"strategy": "none"})
+        if anchor is None and saved is None:
+            # Evaluating it as the baseline would report an anchored model as `none`.
+            raise ValueError(
+                f"{path} has no anchor_config.json, so how it was trained to regroup is "
+                "unknown: pass anchor=AnchorConfig(...) (e.g. strategy 'none' for a baseline), "
+                f"or write its config to {path / 'anchor_config.json'} (`attanchor export` "
+                "writes it), or re-export from the training checkpoint")
+        config = anchor or AnchorConfig.from_dict(saved)
         wrapped = AnchoredVLM(model.eval(), config)
     else:
         module = load_module(path)
-        processor = AutoProcessor.from_pretrained(module.model_path)
+        processor = load_processor(module.model_path)
         wrapped = module.anchored
         if anchor is not None:
             wrapped = AnchoredVLM(wrapped.model, anchor)

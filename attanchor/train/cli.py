@@ -14,7 +14,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.callbacks import (
     Callback,
@@ -24,11 +24,13 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from attanchor.data.datamodule import VLMDataModule
 from attanchor.train.module import AnchorModule
 from attanchor.train.recipe import expand_config_args
+from attanchor.train.resilience import AtomicCheckpointIO, resilience_callbacks, resume_path
 from attanchor.train.runinfo import BatchPlan, plan_batch, run_dir_for
 
 
@@ -38,7 +40,10 @@ class RunSettings:
 
     ``name`` groups the arms of one comparison (the W&B group); the run directory adds the
     anchor strategy and the seed. ``early_stopping_patience``: validation checks without a new
-    best val/loss before stopping (the paper's criterion); None disables it.
+    best ``early_stopping_monitor`` (default val/loss, the paper's criterion; ``val/pope_acc``
+    etc. when a callback in ``trainer.callbacks`` logs it, e.g.
+    ``attanchor.eval.val_generation.ValGenerationCallback``) before stopping,
+    ``early_stopping_mode`` min or max; None disables it.
     """
 
     root: str = "runs"
@@ -47,10 +52,21 @@ class RunSettings:
     wandb_project: str = "attanchor"
     early_stopping_patience: int | None = 3
     save_top_k: int = 1
+    early_stopping_monitor: str = "val/loss"
+    early_stopping_mode: Literal["min", "max"] = "min"
+    # Reliability (attanchor.train.resilience): last.ckpt every N optimizer steps and/or every
+    # T minutes, besides the validation checkpoints; resume "auto" continues from the run's
+    # last.ckpt when it exists (what launch.sh passes under SLURM, so a requeue resumes).
+    checkpoint_every_n_steps: int | None = None
+    checkpoint_every_minutes: float | None = None
+    resume: Literal["never", "auto"] = "never"
 
 
 # We pass the (recipe-resolved) argv explicitly; Lightning warns whenever sys.argv is set too.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+# The training loader's position is restored through VLMDataModule.state_dict (its
+# ResumableSampler), which Lightning's check for a stateful loader does not see.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 
 def keep_previous_logs(run_dir: Path, resuming: bool) -> None:
@@ -171,6 +187,9 @@ class AttanchorCLI(LightningCLI):
         if isinstance(strategy, str):
             kwargs["strategy"] = recipe_strategy(
                 strategy, self.model.settings, trainer_cfg.get("accelerator", "auto"))
+        if self.subcommand == "fit":
+            cfg["ckpt_path"] = resume_path(run_dir / "checkpoints", run.resume,
+                                           cfg.get("ckpt_path"))
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = self._loggers(run, run_dir, resuming=bool(cfg.get("ckpt_path")))
         has_val = bool(self.datamodule.files.get("val")) or bool(
@@ -182,12 +201,22 @@ class AttanchorCLI(LightningCLI):
                             save_top_k=run.save_top_k if monitor else 0,
                             enable_version_counter=False),
             LearningRateMonitor(logging_interval="step"),
+            *resilience_callbacks(run_dir / "checkpoints",
+                                  every_n_steps=run.checkpoint_every_n_steps,
+                                  every_minutes=run.checkpoint_every_minutes),
         ]
-        if has_val and run.early_stopping_patience is not None:
-            callbacks.append(EarlyStopping(monitor="val/loss", mode="min",
-                                           patience=run.early_stopping_patience))
+        plugins = trainer_cfg.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]  # write-then-rename, verified
         user = trainer_cfg.get("callbacks") or []
-        kwargs["callbacks"] = (list(user) if isinstance(user, list | tuple) else [user]) + callbacks
+        user = list(user) if isinstance(user, list | tuple) else [user]
+        check_monitor(run.early_stopping_monitor, user)
+        if has_val and run.early_stopping_patience is not None:
+            callbacks.append(EarlyStopping(monitor=run.early_stopping_monitor,
+                                           mode=run.early_stopping_mode,
+                                           patience=run.early_stopping_patience))
+        kwargs["callbacks"] = user + callbacks
         trainer = super().instantiate_trainer(**kwargs)
         self.batch_plan = self._plan_batch(trainer)
         trainer.accumulate_grad_batches = self.batch_plan.accumulate_grad_batches
@@ -212,7 +241,8 @@ class AttanchorCLI(LightningCLI):
             return loggers
         try:
             import wandb  # noqa: F401  (never required: a missing wandb only warns)
-            from lightning.pytorch.loggers import WandbLogger
+
+            from attanchor.train.logging_faults import FailSafeWandbLogger, redact
         except ImportError:
             rank_zero_warn("wandb is not installed: logging to metrics.csv only "
                            "(pip install wandb, or set run.wandb: false to silence this)")
@@ -220,9 +250,14 @@ class AttanchorCLI(LightningCLI):
         # Offline unless the user's environment says otherwise; sync later with `wandb sync`.
         os.environ.setdefault("WANDB_MODE", "offline")
         strategy = self.model.anchor_config.strategy
-        loggers.append(WandbLogger(
-            save_dir=str(run_dir), project=run.wandb_project, group=run.name,
-            name=run_dir.name, tags=[strategy, run.name], job_type=strategy))
+        try:  # W&B failing to start or to write never stops training (logging_faults)
+            loggers.append(FailSafeWandbLogger(
+                save_dir=str(run_dir), project=run.wandb_project, group=run.name,
+                name=run_dir.name, tags=[strategy, run.name], job_type=strategy,
+                csv_path=str(run_dir / "metrics.csv")))
+        except Exception as e:  # noqa: BLE001  (a bad W&B setting: CSV only, said once)
+            rank_zero_warn(f"W&B logging failed (setup: {redact(f'{type(e).__name__}: {e}')}); "
+                           f"training continues and logs to {run_dir / 'metrics.csv'} only")
         return loggers
 
     def _write_run_info(self) -> None:
@@ -248,6 +283,18 @@ class AttanchorCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._write_run_info()
+
+
+def check_monitor(monitor: str, callbacks: list[Any]) -> None:
+    """Fail before any model loads when the early-stopping monitor names a metric nothing
+    logs: ``val/loss`` (the module's) or a key in some callback's ``logged_keys``."""
+    logged = {"val/loss"}.union(*(getattr(c, "logged_keys", ()) for c in callbacks))
+    if monitor not in logged:
+        raise ValueError(
+            f"run.early_stopping_monitor={monitor!r} is logged by nothing in this run (logged: "
+            f"{sorted(logged)}); add the callback that logs it to trainer.callbacks (e.g. "
+            "attanchor.eval.val_generation.ValGenerationCallback with pope / vqa files for "
+            "val/pope_acc / val/vqa_acc) or monitor val/loss")
 
 
 def build_cli(argv: list[str], run: bool = True) -> AttanchorCLI:

@@ -4,11 +4,14 @@ Three layouts, all safetensors, all with the processor (tokenizer, image process
 template) so evaluation harnesses open them as they are:
 
 - ``merged`` (LoRA / QLoRA with ``merge=True``): the adapters merged into the base weights; a
-  plain ``LlavaForConditionalGeneration`` directory. QLoRA merges into the *dequantized* 4-bit
+  plain directory of the model's own class (LLaVA, LLaVA-NeXT, Qwen2.5-VL). QLoRA merges into the *dequantized* 4-bit
   weights, i.e. the weights the adapters were trained against, so the logits equal the trained
   model's; the export holds float weights and no quantization config.
 - ``adapter`` (LoRA / QLoRA with ``merge=False``): peft's ``adapter_config.json`` (whose
-  ``base_model_name_or_path`` references the base model) + ``adapter_model.safetensors``.
+  ``base_model_name_or_path`` references the base model) + ``adapter_model.safetensors``, and
+  ``base_parameters.safetensors`` when base parameters outside peft's reach trained too
+  (LLaVA-NeXT's ``model.image_newline``, trained with the projector); ``load_exported`` puts
+  them back on the base.
 - ``full`` (a full fine-tune, no adapters): the whole model; ``merge`` has nothing to merge.
 
 ``anchor_config.json`` holds ``AnchorConfig.to_dict()`` so inference regroups the way training
@@ -36,13 +39,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration, PreTrainedModel
+from transformers import PreTrainedModel
 
 from attanchor.anchoring import AnchorConfig
 
 ANCHOR_CONFIG_FILE = "anchor_config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 RENDER_CONFIG_FILE = "render_config.json"
+BASE_PARAMETERS_FILE = "base_parameters.safetensors"
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, AnchorConfig | None]:
         config = getattr(model, "config", None)
         return inner, config if isinstance(config, AnchorConfig) else None
     raise TypeError(
-        f"export_model needs a LlavaForConditionalGeneration, a peft model around one, or an "
+        f"export_model needs a supported HF VLM, a peft model around one, or an "
         f"AnchoredVLM; got {type(model).__name__}"
     )
 
@@ -161,8 +165,18 @@ def _float_base_state(peft_model: nn.Module) -> tuple[dict[str, torch.Tensor], d
     return params, buffers
 
 
-def merged_copy(peft_model: nn.Module) -> LlavaForConditionalGeneration:
-    """A new float ``LlavaForConditionalGeneration`` = base (dequantized if 4-bit) + merged LoRA.
+def trained_base_parameters(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters of a peft model's base that peft does not save: neither LoRA
+    weights nor ``modules_to_save`` copies (LLaVA-NeXT's ``model.image_newline``), keyed by
+    their name in the HF model, detached on CPU. Empty for LLaVA and Qwen2.5-VL."""
+    base = peft_model.get_base_model()
+    return {n: p.detach().to("cpu", copy=True) for n, p in base.named_parameters()
+            if p.requires_grad and ".lora_" not in n and ".modules_to_save." not in n
+            and ".original_module." not in n}
+
+
+def merged_copy(peft_model: nn.Module) -> PreTrainedModel:
+    """A new float model of the base's class = base (dequantized if 4-bit) + merged LoRA.
 
     The passed model is left as it is (the copy costs one more model in memory). Invariant:
     the copy's logits equal the peft model's (up to float rounding).
@@ -177,7 +191,7 @@ def merged_copy(peft_model: nn.Module) -> LlavaForConditionalGeneration:
         del config.quantization_config
     params, buffers = _float_base_state(peft_model)
     with torch.device("meta"):
-        float_model = LlavaForConditionalGeneration(config)
+        float_model = type(base)(config)
     loaded = float_model.load_state_dict(params, strict=False, assign=True)
     if loaded.unexpected_keys:
         raise RuntimeError(f"merge: base weights with no place: {loaded.unexpected_keys[:5]}")
@@ -216,12 +230,12 @@ def export_model(
     """Write ``model`` as a Hugging Face directory (see module doc for the layouts).
 
     Args:
-        model: a ``LlavaForConditionalGeneration``, a peft model around one (LoRA / QLoRA) or an
+        model: a supported HF VLM (``train.parts``), a peft model around one (LoRA / QLoRA) or an
             ``AnchoredVLM`` (its ``.config`` is the default ``anchor_config``).
         out_dir: the directory to create. It is written beside, then renamed into place.
         merge: merge LoRA adapters into the weights (a plain model) or keep an adapter.
         anchor_config: written to ``anchor_config.json`` (validated); None writes none.
-        processor: the ``LlavaProcessor`` of the base model (tokenizer, image processor, chat
+        processor: the processor of the base model (tokenizer, image processor, chat
             template): ``AutoProcessor.from_pretrained(model_path)``.
         dtype: cast merged/full weights before saving (``bfloat16`` halves a float32 export).
         overwrite: replace an existing ``out_dir``.
@@ -254,6 +268,11 @@ def export_model(
     try:
         if _is_peft(inner) and not merge:
             inner.save_pretrained(tmp, safe_serialization=True)
+            loose = trained_base_parameters(inner)
+            if loose:
+                from safetensors.torch import save_file
+
+                save_file(loose, str(tmp / BASE_PARAMETERS_FILE))
         else:
             if _is_peft(inner):
                 to_save = merged_copy(inner)
@@ -276,6 +295,24 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def load_processor(path: str | os.PathLike) -> Any:
+    """The processor saved in a model or export directory (or a hub id): ``AutoProcessor``,
+    except for a Qwen2-VL image processor, which loads through
+    ``attanchor.data.tiny_qwen.load_qwen_processor`` (HF's Qwen processor needs torchvision
+    for its video part; without torchvision an images-only processor of the same behaviour)."""
+    from transformers import AutoProcessor
+
+    file = Path(path) / "processor_config.json"
+    if file.is_file():
+        kind = json.loads(file.read_text()).get("image_processor", {}).get(
+            "image_processor_type", "")
+        if str(kind).startswith("Qwen2VLImageProcessor"):
+            from attanchor.data.tiny_qwen import load_qwen_processor
+
+            return load_qwen_processor(str(path))
+    return AutoProcessor.from_pretrained(str(path))
 
 
 def saved_dtype(model: str | os.PathLike) -> str:
@@ -303,21 +340,20 @@ def load_exported(
 ) -> tuple[nn.Module, Any, dict[str, Any] | None]:
     """Load what ``export_model`` wrote: ``(model in eval mode, processor, anchor config dict)``.
 
-    A merged / full export loads as ``LlavaForConditionalGeneration``; an adapter export loads
-    its base (``base_model_path``, default the adapter's ``base_model_name_or_path``; pass
-    ``quantization="nf4"`` to rebuild a QLoRA run's 4-bit base) and puts the adapter on it as a
-    ``peft.PeftModel``. ``dtype="auto"`` keeps the dtype the weights were saved in (the
+    A merged / full export loads as its config's class (``build.load_model``); an adapter
+    export loads its base (``base_model_path``, default the adapter's
+    ``base_model_name_or_path``; pass ``quantization="nf4"`` to rebuild a QLoRA run's 4-bit
+    base), puts the trained base parameters back (``base_parameters.safetensors``) and the
+    adapter on it as a ``peft.PeftModel``. ``dtype="auto"`` keeps the dtype the weights were saved in (the
     export's, or for an adapter its base's: a bf16 export loads as bf16). The anchor config is
     validated (``AnchorConfig.from_dict``); None when the export has none.
     """
-    from transformers import AutoProcessor
-
     from attanchor.train.build import load_model
 
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{path}: no config.json or {ADAPTER_CONFIG_FILE}: not an export")
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     if (path / ADAPTER_CONFIG_FILE).is_file():
         from peft import PeftModel
 
@@ -330,6 +366,7 @@ def load_exported(
             dtype = saved_dtype(base_model_path)
         base = load_model(base_model_path, dtype=dtype, attn_implementation=attn_implementation,
                           quantization=quantization)
+        _load_base_parameters(base, path)
         model: nn.Module = PeftModel.from_pretrained(base, path)
     else:
         if quantization is not None:
@@ -342,3 +379,20 @@ def load_exported(
     if (path / ANCHOR_CONFIG_FILE).is_file():
         anchor = AnchorConfig.from_dict(json.loads((path / ANCHOR_CONFIG_FILE).read_text())).to_dict()
     return model, processor, anchor
+
+
+def _load_base_parameters(base: nn.Module, path: Path) -> None:
+    """Copy an adapter export's ``base_parameters.safetensors`` into ``base`` (in place, in
+    the base's dtype); a name the base lacks raises."""
+    file = path / BASE_PARAMETERS_FILE
+    if not file.is_file():
+        return
+    from safetensors.torch import load_file
+
+    params = dict(base.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(file)).items():
+            if name not in params:
+                raise ValueError(f"{file}: parameter {name!r} is not in the base model "
+                                 f"{type(base).__name__}; is base_model_path the right base?")
+            params[name].copy_(value.to(params[name].dtype))

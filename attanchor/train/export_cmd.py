@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from transformers import AutoProcessor
-
-from attanchor.train.checkpoint import load_module, render_settings_of
-from attanchor.train.export import export_model
+from attanchor.train.checkpoint import load_module, render_settings_of, write_export_source
+from attanchor.train.export import export_model, load_processor
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     module = load_module(args.checkpoint, model_path=args.model_path)
     out = export_model(module.hf_model, args.out, merge=args.merge,
                        anchor_config=module.anchor_config,
-                       processor=AutoProcessor.from_pretrained(module.model_path),
+                       processor=load_processor(module.model_path),
                        dtype=args.dtype, overwrite=args.overwrite,
                        render=render_settings_of(args.checkpoint))
+    write_export_source(out, args.checkpoint)  # evaluation refuses it once that is rewritten
     print(f"exported {args.checkpoint} -> {out}")
     return 0

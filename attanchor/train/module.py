@@ -8,6 +8,7 @@ from a path or hub id; LoRA / QLoRA checkpoints hold only the trainable weights.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -16,9 +17,14 @@ import lightning as L
 import torch
 
 from attanchor.anchoring import AnchorConfig, AnchoredVLM
+from attanchor.train.numerics import NumericsSettings
 
+log = logging.getLogger(__name__)
+
+# The families' other image keys: image_sizes (LLaVA-NeXT), image_grid_thw and
+# mm_token_type_ids (Qwen2.5-VL); a batch carries only its own family's.
 BATCH_KEYS = ("input_ids", "pixel_values", "attention_mask", "labels", "candidate_mask",
-              "sample_index")
+              "sample_index", "image_sizes", "image_grid_thw", "mm_token_type_ids")
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class AnchorModule(L.LightningModule):
         anchor: the anchoring configuration (``strategy: none`` is the baseline arm).
         model: loading and trainable-parameter settings.
         optim: optimiser and schedule.
+        numerics: what a NaN / inf training loss does (``attanchor.train.numerics``): stop
+            naming the step and records (default) or skip the batch, counted.
     """
 
     def __init__(
@@ -81,10 +89,14 @@ class AnchorModule(L.LightningModule):
         anchor: AnchorConfig = AnchorConfig(),
         model: ModelSettings = ModelSettings(),
         optim: OptimSettings = OptimSettings(),
+        numerics: NumericsSettings = NumericsSettings(),  # noqa: B008  (frozen dataclass)
     ) -> None:
         super().__init__()
         self.save_hyperparameters({"model_path": model_path, "anchor": asdict(anchor),
-                                   "model": asdict(model), "optim": asdict(optim)})
+                                   "model": asdict(model), "optim": asdict(optim),
+                                   "numerics": asdict(numerics)})
+        self.numerics = numerics
+        self.nonfinite_skips = 0  # batches skipped for a NaN/inf loss (this process run)
         self.model_path = model_path
         self.anchor_config = anchor
         self.settings = model
@@ -151,18 +163,67 @@ class AnchorModule(L.LightningModule):
         # the same placements. No generator state: resumes, ranks and batch-mates cannot
         # shift them.
         epoch = self.current_epoch if self.training else 0
-        return self.anchored(**{k: batch[k] for k in BATCH_KEYS if k in batch}, epoch=epoch)
+        inputs = {k: batch[k] for k in BATCH_KEYS if k in batch}
+        if "pack_ids" in batch:  # packed rows (data.packing): each sample regrouped and
+            # attended to on its own; the loss equals the unpacked batch's
+            from attanchor.anchoring.packed import packed_forward
+
+            return packed_forward(self.anchored, pack_ids=batch["pack_ids"], **inputs,
+                                  epoch=epoch)[0]
+        return self.anchored(**inputs, epoch=epoch)
 
     # -- steps -------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._t_batch = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         out = self(batch)
         B = batch["input_ids"].shape[0]
+        if self._nonfinite_loss(out.loss, batch, batch_idx):
+            return None  # skipped: Lightning runs no backward and no optimizer update
         self.log("train/loss", out.loss, prog_bar=True, batch_size=B)
+        self.log("train/nonfinite_skips", float(self.nonfinite_skips), batch_size=B)
         self._log_anchor_stats("train", batch)
         return out.loss
+
+    def _nonfinite_loss(self, loss: torch.Tensor, batch: dict[str, Any], batch_idx: int) -> bool:
+        """Check the loss before any backward pass (``attanchor.train.numerics``): True when
+        this batch is skipped; raises ``NonFiniteLossError`` when the run must stop. The
+        decision is "any rank saw NaN/inf", so all ranks skip or stop together."""
+        from attanchor.train.numerics import (
+            NonFiniteLossError,
+            decide,
+            describe_batch,
+            loss_kind,
+            stop_message,
+        )
+
+        kind = loss_kind(loss)
+        trainer = self._trainer
+        bad = kind is not None
+        if trainer is not None:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        action = decide(self.numerics, nonfinite=bad, skipped_before=self.nonfinite_skips)
+        if action == "train":
+            return False
+        ids = batch.get("ids") or [int(i) for i in batch["sample_index"]]
+        where = describe_batch(kind, global_step=self.global_step, epoch=self.current_epoch,
+                               batch_idx=batch_idx, ids=ids)
+        if action == "skip":
+            self.nonfinite_skips += 1
+            log.warning("skipped batch %d of %d allowed: %s", self.nonfinite_skips,
+                        self.numerics.max_nonfinite_skips, where)
+            B = batch["input_ids"].shape[0]
+            # The step's true loss (NaN/inf) goes to the log: else Lightning repeats the last
+            # finite value on this step and the curve hides the fault.
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=B)
+            self.log("train/nonfinite_skips", float(self.nonfinite_skips), batch_size=B)
+            return True
+        ckpt = getattr(trainer, "checkpoint_callback", None) if trainer is not None else None
+        last = getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "")
+        raise NonFiniteLossError(stop_message(where, settings=self.numerics,
+                                              skipped=self.nonfinite_skips,
+                                              last_checkpoint=last or None))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Throughput counts the baseline's real tokens: inserted copies are extra work, not
@@ -242,3 +303,24 @@ class AnchorModule(L.LightningModule):
                          if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint that lacks any trainable weight of this model: LoRA loading is
+        non-strict (the frozen base comes from ``model_path``), so without this count a resume
+        or evaluation would silently keep freshly initialised adapters. Checkpoints whose
+        weights the strategy restores itself (DeepSpeed: no ``state_dict``) are its business."""
+        state = checkpoint.get("state_dict")
+        if state is None or self.anchored is None:
+            return
+        from attanchor.train.sharding import clean_param_name
+
+        trainable = {clean_param_name(n) for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(state))
+        if missing:
+            path = getattr(self._trainer, "ckpt_path", None) if self._trainer else None
+            raise ValueError(
+                f"checkpoint {path or '(given)'} restores {len(trainable) - len(missing)} of "
+                f"the model's {len(trainable)} trainable weights; missing: {missing[:5]}: it "
+                "was written for another model or LoRA setting (model.model.lora, "
+                "model.model.mode); resume with the settings it was trained with, or start a "
+                "new run")

@@ -12,7 +12,8 @@ import yaml
 
 from attanchor.anchoring import AnchorConfig
 
-FIELDS = ["strategy", "threshold", "top_fraction", "max_anchors", "pause_tokens", "scope", "seed"]
+FIELDS = ["strategy", "threshold", "top_fraction", "max_anchors", "pause_tokens", "scope", "seed",
+          "static_shape"]
 
 
 def test_defaults_are_the_papers_method():
@@ -63,6 +64,8 @@ def test_every_scope_is_accepted(scope):
         ({"strategy": "append", "pause_tokens": 1}, "pause_tokens"),
         ({"seed": 1.5}, "seed"),
         ({"seed": True}, "seed"),
+        ({"static_shape": 1}, "static_shape"),
+        ({"static_shape": True}, "max_anchors"),  # the static width needs the cap
     ],
 )
 def test_invalid_field_raises_value_error_naming_it(kwargs, field):
@@ -131,6 +134,7 @@ def test_to_dict_values():
         "pause_tokens": 0,
         "scope": "image_turn",
         "seed": 9,
+        "static_shape": False,
     }
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from attanchor.data.datamodule import RecordIndex, VLMDataModule, index_records
+from attanchor.data.datamodule import VLMDataModule
 from attanchor.data.formats import BadRecordError, Conversation, Turn
+from attanchor.data.records import RecordIndex, index_records
 from attanchor.data.tiny import build_processor, build_tokenizer
 
 VOCAB = ["user", ":", "assistant", "what", "color", "is", "the", "shape", "?", "red", "blue",

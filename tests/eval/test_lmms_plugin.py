@@ -55,9 +55,10 @@ def test_explicit_placeholder_inside_the_text(ckpt):
     _, proc = lp.load_anchored_checkpoint(ckpt)
     inp = lp.prompt_inputs(proc, ["is there a <image>\nred shape?"], [[RED]])
     ids, cand = inp["input_ids"][0], inp["candidate_mask"][0]
-    # <s> user : is there a | 64 image tokens | red shape ? assistant :
+    # Rendered as training renders it (the Renderer, the model's own template: images first,
+    # HF's content-parts order): <s> user : | 64 image tokens | is there a red shape ? ...
     assert _words(proc, ids, cand) == ["is", "there", "a", "red", "shape", "?"]
-    assert cand.nonzero().flatten().tolist() == [3, 4, 5, 70, 71, 72]
+    assert cand.nonzero().flatten().tolist() == [67, 68, 69, 70, 71, 72]
     with pytest.raises(ValueError, match="1 <image> placeholders but the request brings 2"):
         lp.prompt_inputs(proc, ["<image> red?"], [[RED, BLUE]])
     with pytest.raises(ValueError, match="PIL images"):
@@ -99,8 +100,12 @@ def test_loglikelihood_none_equals_manual(ckpt):
         logits = vlm.model(input_ids=inp["input_ids"], pixel_values=inp["pixel_values"],
                            attention_mask=inp["attention_mask"]).logits[0].float()
     ids = inp["input_ids"][0]
+    # The Renderer closes the answer with "</s>" (training's end of turn), not scored here:
+    # "... assistant : red shape </s>" -> the continuation is at -3, -2.
+    assert int(ids[-1]) == proc.tokenizer.eos_token_id
+    assert inp["continuation_mask"][0].nonzero().flatten().tolist() == [len(ids) - 3, len(ids) - 2]
     logp = torch.log_softmax(logits, -1)
-    want = float(logp[-3, ids[-2]] + logp[-2, ids[-1]])  # two continuation tokens at the end
+    want = float(logp[-4, ids[-3]] + logp[-3, ids[-2]])
     assert got == pytest.approx(want, abs=1e-5)
 
 

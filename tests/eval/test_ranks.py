@@ -160,5 +160,6 @@ def test_compare_under_two_processes_evaluates_shards_and_reports_once(tiny_worl
     # One report, by rank zero; both ranks are told where it is; one log, not two.
     assert sorted(p.name for p in out.iterdir()) == ["report0", "result0.json", "result1.json"]
     assert [r["report"] for r in results] == [str(out / "report0" / "report.md")] * 2
-    assert results[0]["logs"] == [f"[compare] evaluating {arm}"] and results[1]["logs"] == []
+    assert results[0]["logs"] == [f"[compare] evaluating {arm} (pope: no evaluation yet)"]
+    assert results[1]["logs"] == []
     assert _rows(arm / "eval" / "pope" / "predictions.jsonl") == want

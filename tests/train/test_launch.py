@@ -94,8 +94,9 @@ def test_multi_node_rendezvous(recipe):
 def test_slurm_uses_srun(recipe):
     cmd = _cmd([recipe, "--seed_everything", "3"],
                {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "4", "GPUS_PER_NODE": "8"})
+    # --run.resume auto: a requeued job continues from its last.ckpt (tests/train/test_preempt)
     assert cmd == ["srun", "--kill-on-bad-exit=1", "python", *FIT, str(recipe),
-                   *_topology("gpu", 8, 4), "--seed_everything", "3"]
+                   "--run.resume", "auto", *_topology("gpu", 8, 4), "--seed_everything", "3"]
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,8 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 EXPECTED = {
     "demo/anchored": ("auto", "AdamW"), "demo/baseline": ("auto", "AdamW"),
     "demo/base": ("auto", "AdamW"), "demo/pretrain": ("auto", "AdamW"),
+    "demo/image-into-text": ("auto", "AdamW"),
+    "tinyllava-1b/lora-image-into-text": ("auto", "AdamW"),
     "tinyllava-1b/base": ("auto", "AdamW"), "tinyllava-1b/lora": ("auto", "AdamW"),
     "tinyllava-1b/qlora": ("auto", "AdamW"),
     "llava-1.5-7b/base": ("auto", "PagedAdamW8bit"), "llava-1.5-7b/lora": ("auto", "PagedAdamW8bit"),
@@ -33,6 +35,9 @@ EXPECTED = {
     "llava-1.5-7b/zero3-lora": ("deepspeed_stage_3", "PagedAdamW8bit"),
     "llava-1.5-7b/zero3-offload-lora": ("deepspeed_stage_3_offload", "DeepSpeedCPUAdam"),
     "llava-1.5-7b/fsdp-lora": ("fsdp", "AdamW"),
+    "llava-next/base": ("auto", "PagedAdamW8bit"), "llava-next/lora": ("auto", "PagedAdamW8bit"),
+    "llava-next/qlora": ("auto", "PagedAdamW8bit"),
+    "qwen2.5-vl-3b/base": ("auto", "AdamW"), "qwen2.5-vl-3b/lora": ("auto", "AdamW"),
 }
 
 
@@ -89,6 +94,19 @@ def test_recipe_builds_its_strategy_and_optimizer(recipe, tiny_world):
         frozen = [p for p in module.parameters() if not p.requires_grad]
         assert frozen and all(p.dtype == torch.bfloat16 for p in frozen), \
             "GPU recipe weights are not bf16"
+
+
+def test_llava_next_twins_differ_only_in_the_anchor():
+    anchored = validate_recipe(str(ROOT / "recipes" / "llava-next" / "lora-anchored.yaml"))
+    baseline = validate_recipe(str(ROOT / "recipes" / "llava-next" / "lora-baseline.yaml"))
+    assert anchored.model.model_path == "llava-hf/llava-v1.6-vicuna-7b-hf"
+    assert anchored.model.anchor_config.strategy == "text_into_image"
+    assert anchored.model.anchor_config.threshold == 0.12
+    assert baseline.model.anchor_config.strategy == "none"
+    assert anchored.model.settings == baseline.model.settings
+    assert (anchored.model.settings.lora.r, anchored.model.settings.lora.alpha) == (8, 16)
+    assert anchored.data.max_length == baseline.data.max_length == 4096
+    assert anchored.data.global_batch_size == 32 and anchored.data.template == "llava-1.5"
 
 
 def test_gpu_recipes_state_the_papers_global_batch_and_template(tiny_world):
