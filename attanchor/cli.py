@@ -22,7 +22,7 @@ commands:
   data                    validate | prepare | show | split data sets
   eval                    anchored generation + POPE/VQA metrics on a checkpoint
   compare                 paired, seeded baseline-vs-anchored runs and a report
-  demo                    the built-in end-to-end comparison on easy-vqa (CPU, minutes)
+  demo                    the built-in two-stage comparison on the scenes world (CPU, minutes)
   calibrate               similarity distribution and the threshold for a target fraction
   visualize               draw anchored words on the image patches they attach to
 

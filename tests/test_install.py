@@ -98,4 +98,4 @@ def test_wheel_ships_recipes_and_runs_the_demo_outside_the_checkout(tmp_path):
         config = yaml.safe_load((runs / f"{arm}-seed0" / "config.yaml").read_text())
         assert config["model"]["anchor"]["strategy"] == arm
         assert (runs / f"{arm}-seed0" / "eval").is_dir()
-    assert (elsewhere / "work" / "models" / "tiny-easy-vqa" / "config.json").is_file()
+    assert (elsewhere / "work" / "models" / "tiny-scenes" / "config.json").is_file()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -59,6 +60,7 @@ SIZES = ("small", "large")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
 GRID = 3
 POPE_SETTINGS = ("random", "popular", "adversarial")
+QUESTION_KINDS = ("exist", "color", "shape", "size", "relation", "count")
 KINDS: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLORS for s in SHAPES)
 QUESTIONS = ("is there a {c} {s}?", "what color is the {s}?", "what shape is the {c} object?",
              "what size is the {c} {s}?", "is the {s} left of the {t}?",
@@ -208,13 +210,27 @@ def scenes_vocab() -> list[str]:
 
 def prepare_scenes(out_dir: str | Path, *, n_train: int = 3000, n_val: int = 300,
                    n_test: int = 500, image_size: int = 64, seed: int = 0,
+                   stages: Mapping[str, Sequence[str]] | None = None,
                    progress: bool = True) -> dict[str, int]:
     """Draw the scenes world into ``out_dir`` (see the module docstring); return its counts.
 
+    ``stages`` ({name: question kinds}) also writes, per stage, ``<name>/train.json``,
+    ``<name>/val.json`` and ``<name>/test.json`` holding only the questions of those kinds
+    (images stay under ``out_dir/images``), e.g. LLaVA's two stages: {"pretrain": ("exist",
+    "color", "shape", "size"), "adapt": ("relation", "count")}. Counts gain
+    ``<name>_<split>_questions``.
     A second call with the same arguments finds meta.json and writes nothing.
     Invariants: every question's answer follows from the scene's objects; POPE has, per test
-    image and setting, as many "yes" as "no" items; no image is in two splits.
+    image and setting, as many "yes" as "no" items; no image is in two splits; a stage's
+    files are the full split's records of its kinds, in the same order.
     """
+    stages = {str(k): tuple(v) for k, v in (stages or {}).items()}
+    for name, wanted in stages.items():
+        unknown = sorted(set(wanted) - set(QUESTION_KINDS))
+        if unknown or not wanted or not name or "/" in name or name == "images":
+            raise ValueError(f"stages[{name!r}] = {list(wanted)}: give a plain folder name and "
+                             f"a non-empty list of question kinds among {list(QUESTION_KINDS)}"
+                             + (f" (unknown: {unknown})" if unknown else ""))
     for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if n < 1:
             raise ValueError(f"{name}={n}: every split needs at least one scene")
@@ -224,6 +240,8 @@ def prepare_scenes(out_dir: str | Path, *, n_train: int = 3000, n_val: int = 300
     out = Path(out_dir)
     args = {"format_version": FORMAT_VERSION, "n_train": n_train, "n_val": n_val,
             "n_test": n_test, "image_size": image_size, "seed": seed}
+    if stages:  # only when asked, so worlds made without stages keep their meta.json
+        args["stages"] = {k: list(v) for k, v in stages.items()}
     meta_path = out / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -245,6 +263,7 @@ def prepare_scenes(out_dir: str | Path, *, n_train: int = 3000, n_val: int = 300
     records: dict[str, list[dict[str, Any]]] = {"train": [], "val": [], "test": [],
                                                 "vqa_test": []}
     pope: list[dict[str, Any]] = []
+    staged: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (stage, split) -> records
     kinds_count: Counter = Counter()
     for split, items in scenes.items():
         folder = out / "images" / split
@@ -256,6 +275,9 @@ def prepare_scenes(out_dir: str | Path, *, n_train: int = 3000, n_val: int = 300
                 rec = _record(split, i, i, question, answer)
                 rec["id"] = f"scenes-{split}-{i}-{k}"
                 records[split].append(rec)
+                for name, wanted in stages.items():
+                    if kind in wanted:
+                        staged.setdefault((name, split), []).append(rec)
                 kinds_count[kind] += split == "train"
                 if split == "test" and kind != "exist" and kind != "relation":
                     records["vqa_test"].append(rec)
@@ -268,6 +290,12 @@ def prepare_scenes(out_dir: str | Path, *, n_train: int = 3000, n_val: int = 300
     _write_atomic(out / "pope.jsonl", "".join(json.dumps(p) + "\n" for p in pope))
     counts = {f"{s}_images": n for s, n in sizes.items()}
     counts.update({f"{s}_questions": len(r) for s, r in records.items()})
+    for name in stages:
+        (out / name).mkdir(exist_ok=True)
+        for split in sizes:
+            recs = staged.get((name, split), [])
+            _write_atomic(out / name / f"{split}.json", _json_lines_array(recs))
+            counts[f"{name}_{split}_questions"] = len(recs)
     counts["pope_questions"] = len(pope)
     meta = {"source": "attanchor.data.scenes", "args": args, "counts": counts,
             "question_kinds_train": dict(sorted(kinds_count.items())),

@@ -43,6 +43,19 @@ def _anchor_config(args: argparse.Namespace, stored: AnchorConfig) -> AnchorConf
     return AnchorConfig.from_dict(merged)
 
 
+PAUSE_TOKENS = 4  # the image_into_text arm's pause tokens ("think mode") unless told
+
+
+def _strategies(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategies", type=_csv(str), default=["none", "text_into_image", "random"],
+                   help=f"comma-separated arms among {', '.join(STRATEGIES)}; e.g. add "
+                        "image_into_text (the paper's variant, with --pause-tokens) or append "
+                        "(control: the copies all after the image)")
+    p.add_argument("--pause-tokens", type=int, default=PAUSE_TOKENS,
+                   help="pause tokens of the image_into_text arm (the paper's think mode; "
+                        "every other arm gets 0)")
+
+
 def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="auto (the local accelerator: cuda:LOCAL_RANK when CUDA is available, "
@@ -89,7 +102,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="paired seeded runs of several strategies + a report")
     p.add_argument("--config", required=True, help="the recipe every arm trains from")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2])
-    p.add_argument("--strategies", type=_csv(str), default=["none", "text_into_image", "random"])
+    _strategies(p)
+    p.add_argument("--reference", default=None,
+                   help="the checkpoint the arms adapt (.ckpt or export dir), evaluated "
+                        "unadapted as the 'pretrained' row, every arm compared against it too")
     p.add_argument("--pope", default=None, help="POPE JSONL to evaluate on")
     p.add_argument("--vqa", default=None, help="LLaVA JSON of open questions to evaluate on")
     p.add_argument("--image-root", default=None, help="default: the recipe's data.image_root")
@@ -99,10 +115,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="extra `attanchor fit` arguments after --, e.g. -- --trainer.max_steps 50")
 
-    p = sub.add_parser("demo", help="the built-in easy-vqa comparison, end to end on a CPU")
+    p = sub.add_parser("demo", help="the built-in scenes comparison (pre-train, then LoRA-adapt "
+                       "on other question kinds), end to end on a CPU")
     p.add_argument("--workdir", default=".", help="where data/, models/ and runs/ go")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1])
-    p.add_argument("--strategies", type=_csv(str), default=["none", "text_into_image", "random"])
+    _strategies(p)
     # Defaults (None) are demo.py's PRETRAIN_STEPS / ADAPT_STEPS / EVAL_LIMIT; tiny values make
     # a smoke run (tests/test_install.py runs 2 / 2 / 4).
     p.add_argument("--pretrain-steps", type=int, default=None,
@@ -111,6 +128,12 @@ def parser() -> argparse.ArgumentParser:
                    help="LoRA adaptation steps of every arm (default: the demo's)")
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate each arm on the first N questions (default: the demo's)")
+    p.add_argument("--pretrain-kinds", type=_csv(str), default=None,
+                   help="question kinds of the pre-training stage (default: exist,color,shape,"
+                        "size; kinds: exist,color,shape,size,relation,count)")
+    p.add_argument("--adapt-kinds", type=_csv(str), default=None,
+                   help="question kinds of the adaptation stage, evaluated as vqa (default: "
+                        "relation,count)")
 
     p = sub.add_parser("calibrate", help="best-match similarity histogram + tau for a fraction")
     p.add_argument("--config", required=True)
@@ -167,9 +190,15 @@ def _compare(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     overrides = [a for a in args.overrides if a != "--"]
+    bad = [x for x in args.strategies if x not in STRATEGIES]
+    if bad:
+        print(f"attanchor compare: unknown strategies {bad}; choose among {list(STRATEGIES)}",
+              file=sys.stderr)
+        return 2
     res = compare(args.config, seeds=args.seeds, strategies=args.strategies, evals=evals,
                   image_root=args.image_root, overrides=overrides, limit=args.limit,
-                  out_dir=args.out, device=args.device)
+                  out_dir=args.out, device=args.device, reference=args.reference,
+                  pause_tokens=args.pause_tokens)
     if res["rank"] == 0:
         print(res["table"])
         print(f"report: {res['paths']['report_md']}")
@@ -187,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(workdir=args.workdir, seeds=args.seeds, strategies=args.strategies,
                         pretrain_steps=args.pretrain_steps, adapt_steps=args.adapt_steps,
-                        eval_limit=args.eval_limit)
+                        eval_limit=args.eval_limit, pause_tokens=args.pause_tokens,
+                        pretrain_kinds=args.pretrain_kinds, adapt_kinds=args.adapt_kinds)
     if args.command == "calibrate":
         from attanchor.eval.calibrate_run import run_calibrate
 

@@ -166,3 +166,44 @@ def test_cli_prepares_the_world_and_a_model_for_its_words(tmp_path, capsys):
     tok = AutoProcessor.from_pretrained(tmp_path / "m").tokenizer
     ids = tok("how many triangles are there?", add_special_tokens=False)["input_ids"]
     assert tok.unk_token_id not in ids and len(ids) == 6
+
+
+def _kind_of(question: str) -> str:
+    """The question kind, read back from the question's wording (scene_questions' forms)."""
+    for prefix, kind in (("is there a", "exist"), ("what color", "color"),
+                         ("what shape", "shape"), ("what size", "size"), ("how many", "count")):
+        if question.startswith(prefix):
+            return kind
+    assert re.fullmatch(r"is the \w+ (left of|above) the \w+\?", question), question
+    return "relation"
+
+
+def test_stages_split_the_questions_by_kind(tmp_path):
+    stages = {"pretrain": ("exist", "color", "shape", "size"), "adapt": ("relation", "count")}
+    counts = prepare_scenes(tmp_path, n_train=30, n_val=5, n_test=8, stages=stages,
+                            progress=False)
+    for split in ("train", "val", "test"):
+        full = json.loads((tmp_path / f"{split}.json").read_text())
+        for name, kinds in stages.items():
+            staged = json.loads((tmp_path / name / f"{split}.json").read_text())
+            # Exactly the full split's records of the stage's kinds, in order, same images.
+            assert staged == [r for r in full
+                              if _kind_of(r["conversations"][0]["value"][8:]) in kinds]
+            assert counts[f"{name}_{split}_questions"] == len(staged)
+        # The two stages share no question and together hold every one.
+        assert counts[f"pretrain_{split}_questions"] + counts[f"adapt_{split}_questions"] \
+            == len(full)
+    # 30 train scenes: one count question each, two existence questions each.
+    adapt = json.loads((tmp_path / "adapt" / "train.json").read_text())
+    assert sum(r["conversations"][0]["value"].startswith("<image>\nhow many") for r in adapt) \
+        == 30
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["args"]["stages"] == {k: list(v) for k, v in stages.items()}
+
+
+@pytest.mark.parametrize("stages, match", [({"adapt": ("relations",)}, "unknown: \\['relations"),
+                                           ({"images": ("count",)}, "plain folder name"),
+                                           ({"adapt": ()}, "non-empty")])
+def test_bad_stages_are_named(tmp_path, stages, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_scenes(tmp_path, n_train=2, n_val=1, n_test=1, stages=stages, progress=False)

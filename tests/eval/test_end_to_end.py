@@ -78,6 +78,36 @@ def test_compare_writes_report_files(compared):
     assert (arm / "eval" / "pope" / "predictions.jsonl").exists()
     assert data["results"]["text_into_image"]["0"]["pope/anchors_per_prompt"] > 0
     assert data["results"]["none"]["0"]["pope/anchors_per_prompt"] == 0
+    # curves.png: one panel per logged key (val/loss here: 2 steps log no train/loss).
+    assert Path(paths["curves_png"]) == compared["out"] / "runs" / "demo" / "curves.png"
+    assert Image.open(paths["curves_png"]).size[0] > 100
+    assert "wandb_run" not in paths  # run.wandb false: nothing logged to W&B
+
+
+def test_compare_logs_its_table_and_figures_to_the_arms_wandb_group(compared, tmp_path,
+                                                                     monkeypatch):
+    """The writer-rank step of compare with run.wandb on: an offline `compare` run in the
+    recipe's W&B group holding the per-arm table (read back from the run's files)."""
+    from types import SimpleNamespace
+
+    from attanchor.eval.compare import _curves_and_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    res, runs = compared["res"], compared["out"] / "runs" / "demo"
+    parsed = SimpleNamespace(run=SimpleNamespace(wandb=True, name="demo",
+                                                 wandb_project="attanchor"))
+    trained = {d.name: d for d in sorted(runs.glob("*-seed0"))}
+    extra = _curves_and_wandb(parsed, tmp_path, trained, res["summary"], res["paths"], print)
+    assert extra["curves_png"] == tmp_path / "curves.png"
+    run_dir = extra["wandb_run"]
+    assert run_dir.parent == tmp_path / "wandb" and run_dir.name.startswith("offline-run-")
+    (table,) = (run_dir / "files" / "media" / "table" / "compare").glob("summary_*.table.json")
+    rows = json.loads(table.read_text())["data"]
+    acc = {(r[0], r[1]): r[3] for r in rows}  # (metric, arm) -> mean
+    for arm in ("none", "text_into_image"):
+        assert acc[("pope/accuracy", arm)] == res["results"][arm][0]["pope/accuracy"]
+    media = run_dir / "files" / "media" / "images" / "compare"
+    assert len(list(media.glob("report_*.png"))) == 1 and len(list(media.glob("curves_*.png"))) == 1
 
 
 def test_compare_reuses_finished_arms(compared, tiny_world):
