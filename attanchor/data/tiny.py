@@ -294,28 +294,31 @@ def build_tiny_llava(
     vision = config.vision_config
     processor = build_processor(tokenizer, vision.image_size, vision.patch_size)
 
+    return save_tiny_model(LlavaForConditionalGeneration, config, tokenizer, processor, out,
+                           seed=seed, builder="attanchor.data.tiny.build_tiny_llava",
+                           info_name="tiny_llava.json", config_overrides=config_overrides,
+                           image_tokens_per_image=config.image_seq_length)
+
+
+def save_tiny_model(model_class: Any, config: Any, tokenizer: PreTrainedTokenizerFast,
+                    processor: Any, out: Path, *, seed: int, builder: str, info_name: str,
+                    config_overrides: dict[str, Any], **info: Any) -> Path:
+    """The one save step of every tiny builder (LLaVA, LLaVA-NeXT, Qwen2.5-VL): weights
+    initialised from ``seed`` without touching the caller's RNG, greedy generation config
+    from the tokenizer's special ids, safetensors + processor in ``out``, and ``info_name``
+    recording the build arguments and parameter count. Returns ``out``."""
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=16,
-    )
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=16)
     model.eval()
-
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    info = {
-        "builder": "attanchor.data.tiny.build_tiny_llava",
-        "seed": seed,
-        "vocab_size": len(tokenizer),
-        "config_overrides": config_overrides,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "image_tokens_per_image": config.image_seq_length,
-    }
-    (out / "tiny_llava.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    record = {"builder": builder, "seed": seed, "vocab_size": len(tokenizer),
+              "config_overrides": config_overrides,
+              "num_parameters": sum(p.numel() for p in model.parameters()), **info}
+    (out / info_name).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out

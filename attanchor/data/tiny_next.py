@@ -20,14 +20,11 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import (
     CLIPVisionConfig,
-    GenerationConfig,
     LlamaConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -45,6 +42,7 @@ from attanchor.data.tiny import (
     SPECIAL_TOKENS,
     build_tokenizer,
     easy_vqa_vocab,
+    save_tiny_model,
 )
 
 PINPOINTS: tuple[tuple[int, int], ...] = ((32, 64), (64, 32), (64, 64))
@@ -127,18 +125,6 @@ def build_tiny_next(out_dir: str | Path, *, vocab: list[str] | None = None, seed
     processor = build_next_processor(
         tokenizer, vision.image_size, vision.patch_size,
         tuple(tuple(p) for p in config.image_grid_pinpoints))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaNextForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, do_sample=False, max_new_tokens=16)
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    info = {"builder": "attanchor.data.tiny_next.build_tiny_next", "seed": seed,
-            "vocab_size": len(tokenizer), "config_overrides": config_overrides,
-            "num_parameters": sum(p.numel() for p in model.parameters())}
-    (out / "tiny_next.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return out
+    return save_tiny_model(LlavaNextForConditionalGeneration, config, tokenizer, processor, out, seed=seed,
+                           builder="attanchor.data.tiny_next.build_tiny_next", info_name="tiny_next.json",
+                           config_overrides=config_overrides)

@@ -32,14 +32,11 @@ Example:
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import (
-    GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -48,7 +45,13 @@ from transformers import (
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from attanchor.data.tiny import _normalizer, _pre_tokenizer, easy_vqa_vocab, split_words
+from attanchor.data.tiny import (
+    _normalizer,
+    _pre_tokenizer,
+    easy_vqa_vocab,
+    save_tiny_model,
+    split_words,
+)
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE, VIDEO = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -242,18 +245,6 @@ def build_tiny_qwen(out_dir: str | Path, *, vocab: list[str] | None = None, seed
     processor = build_qwen_processor(tokenizer, patch_size=vc.patch_size,
                                      merge_size=vc.spatial_merge_size,
                                      temporal_patch_size=vc.temporal_patch_size)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        do_sample=False, max_new_tokens=16)
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    info = {"builder": "attanchor.data.tiny_qwen.build_tiny_qwen", "seed": seed,
-            "vocab_size": len(tokenizer), "config_overrides": config_overrides,
-            "num_parameters": sum(p.numel() for p in model.parameters())}
-    (out / "tiny_qwen.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return out
+    return save_tiny_model(Qwen2_5_VLForConditionalGeneration, config, tokenizer, processor, out, seed=seed,
+                           builder="attanchor.data.tiny_qwen.build_tiny_qwen", info_name="tiny_qwen.json",
+                           config_overrides=config_overrides)
