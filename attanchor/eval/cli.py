@@ -129,11 +129,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate each arm on the first N questions (default: the demo's)")
     p.add_argument("--pretrain-kinds", type=_csv(str), default=None,
-                   help="question kinds of the pre-training stage (default: exist,color,shape,"
-                        "size; kinds: exist,color,shape,size,relation,count)")
+                   help="question kinds of the pre-training stage (default: exist,size,relation,"
+                        "count; kinds: exist,color,shape,size,relation,count)")
     p.add_argument("--adapt-kinds", type=_csv(str), default=None,
                    help="question kinds of the adaptation stage, evaluated as vqa (default: "
-                        "relation,count)")
+                        "color,shape)")
 
     p = sub.add_parser("calibrate", help="best-match similarity histogram + tau for a fraction")
     p.add_argument("--config", required=True)

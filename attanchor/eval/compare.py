@@ -227,9 +227,14 @@ def _curves_and_wandb(parsed: Any, out: Path, trained: Mapping[str, Path],
     from attanchor.eval.wandb_log import log_comparison, summary_rows
 
     extra: dict[str, Any] = {}
+    # An arm too short to log anything (max_steps below log_every_n_steps and no validation)
+    # has no metrics.csv: it has no curve, which is not an error.
+    logged = {name: d for name, d in trained.items() if (d / "metrics.csv").is_file()}
     try:
-        extra["curves_png"] = plot_curves(trained, out / "curves.png")
-    except ValueError as e:  # no arm logged any curve key (e.g. max_steps below logging)
+        if not logged:
+            raise ValueError("no arm wrote metrics.csv")
+        extra["curves_png"] = plot_curves(logged, out / "curves.png")
+    except ValueError as e:  # nothing logged any curve key
         say(f"[compare] no curves.png: {e}")
     if getattr(parsed.run, "wandb", False):
         images = {"curves": extra["curves_png"]} if "curves_png" in extra else {}

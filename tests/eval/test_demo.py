@@ -103,9 +103,13 @@ def test_prior_only_answers_each_form_with_its_most_frequent_train_answer(tmp_pa
 def test_another_split_of_the_kinds_gets_its_own_directories(tmp_path):
     assert _paths(tmp_path)["data"] == tmp_path / "data" / "scenes"
     other = _paths(tmp_path, {"pretrain": ("exist", "count"), "adapt": ("color", "shape")})
-    assert other["data"] == tmp_path / "data" / "scenes-adapt-color-shape"
-    assert other["pretrained"] == tmp_path / "models" / "tiny-scenes-adapt-color-shape"
-    assert other["runs"] == tmp_path / "runs-adapt-color-shape"
+    assert other["data"] == tmp_path / "data" / "scenes-pre-exist-count-adapt-color-shape"
+    assert other["pretrained"] == tmp_path / "models" / \
+        "tiny-scenes-pre-exist-count-adapt-color-shape"
+    assert other["runs"] == tmp_path / "runs-pre-exist-count-adapt-color-shape"
+    # Two splits sharing their adaptation kinds still get two directories.
+    same_adapt = _paths(tmp_path, {"pretrain": ("exist",), "adapt": ("color", "shape")})
+    assert same_adapt["data"] != other["data"]
 
 
 def test_the_papers_variant_is_one_flag_away_in_compare_and_demo(capsys):
