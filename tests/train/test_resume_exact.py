@@ -10,6 +10,7 @@ lands at step 3 of 4-batch epochs, after validation at step 2 and before the epo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -136,9 +137,11 @@ def wait_for_checkpoint(proc: subprocess.Popen, ckpt: Path, step: int) -> None:
 
 
 def sigkill_at_step(args: list[str], ckpt: Path, step: int = KILL_STEP) -> None:
-    """Run ``fit args`` with ``HangAtStep``; SIGKILL the whole process group once ``ckpt``
-    holds ``step``."""
-    proc = start_fit([*args, "--trainer.callbacks", "tests.train.test_resume_exact.HangAtStep"])
+    """Run ``fit args`` with ``HangAtStep(step)``; SIGKILL the whole process group once ``ckpt``
+    holds ``step``. The run blocks at that very step, so the checkpoint cannot move past it
+    before the poll sees it."""
+    hang = {"class_path": "tests.train.test_resume_exact.HangAtStep", "init_args": {"step": step}}
+    proc = start_fit([*args, "--trainer.callbacks", json.dumps([hang])])
     wait_for_checkpoint(proc, ckpt, step)
     os.killpg(proc.pid, signal.SIGKILL)
     rc, out = finish(proc)
