@@ -80,7 +80,7 @@ def collate(samples: Sequence[RenderedSample], pad_token_id: int,
         if mm is not None:
             mm[b, row] = s.mm_token_type_ids
         if s.pixel_values is not None:
-            images.append(_image_dict(s))
+            images.append(image_dict(s))
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
            "candidate_mask": candidate_mask, "pixel_values": None}
     if images:
@@ -92,7 +92,9 @@ def collate(samples: Sequence[RenderedSample], pad_token_id: int,
     return out
 
 
-def _image_dict(s: RenderedSample) -> dict[str, torch.Tensor]:
+def image_dict(s: RenderedSample) -> dict[str, torch.Tensor]:
+    """A sample's image tensors for ``images.merge_batches``: ``pixel_values`` and the
+    family's size tensors it carries (``image_sizes`` / ``image_grid_thw``)."""
     d = {"pixel_values": s.pixel_values}
     for key in SIZE_KEYS:
         if getattr(s, key) is not None:

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from attanchor.data.collate import sample_index
+from attanchor.data.collate import image_dict, sample_index
+from attanchor.data.images import merge_batches
 from attanchor.data.render import IGNORE_INDEX, RenderedSample
 
 
@@ -72,7 +73,8 @@ def packed_collate(samples: Sequence[RenderedSample], pad_token_id: int,
     Returns ``input_ids``, ``attention_mask`` (1 on every sample token), ``labels``,
     ``candidate_mask``, ``pack_ids``, ``position_ids`` (all (R, W), W the longest row),
     ``pixel_values`` (every image in packed order: row by row, sample by sample, as the image
-    tokens appear row-major; None without images), ``ids`` and ``sample_index`` (N,) in the
+    tokens appear row-major; None without images; batched per family with the size tensors
+    as ``collate`` does), ``ids`` and ``sample_index`` (N,) in the
     packed order (``pack_ids`` index them). Padding: ``pad_token_id``, mask 0, label -100,
     no candidate, pack id -1.
     """
@@ -117,19 +119,15 @@ def packed_collate(samples: Sequence[RenderedSample], pad_token_id: int,
             pack_ids[r, sl] = k
             position_ids[r, sl] = torch.arange(n)
             if s.pixel_values is not None:
-                images.append(s.pixel_values)
+                images.append(image_dict(s))
             start += n
             k += 1
         position_ids[r, start:] = torch.arange(width - start)  # padding: its own run
-    pixel_values = None
-    if images:
-        shapes = {tuple(p.shape[1:]) for p in images}
-        if len(shapes) > 1:
-            raise ValueError(f"packed_collate: images of different shapes {sorted(shapes)} in "
-                             "one batch; the image processor must resize to one size")
-        pixel_values = torch.cat(images)  # (N_images, 3, H, W)
     ids = [samples[i].id for i in order]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "candidate_mask": candidate_mask, "pack_ids": pack_ids,
-            "position_ids": position_ids, "pixel_values": pixel_values, "ids": ids,
-            "sample_index": torch.tensor([sample_index(i) for i in ids], dtype=torch.long)}
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+           "candidate_mask": candidate_mask, "pack_ids": pack_ids,
+           "position_ids": position_ids, "pixel_values": None, "ids": ids,
+           "sample_index": torch.tensor([sample_index(i) for i in ids], dtype=torch.long)}
+    if images:  # the same per-family batching as collate (NeXT tiles padded, sizes carried)
+        out.update(merge_batches(images, where="packed_collate"))
+    return out
