@@ -27,6 +27,7 @@ tokens) in the same batch: pixel_values (304, 96), image_grid_thw [[1, 6, 8], [1
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,11 +156,12 @@ def take_images(images: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tens
     return {"pixel_values": pv, **out}
 
 
-def load_processor(path: str, **kwargs: Any) -> Any:
+def load_processor(path: str | os.PathLike, **kwargs: Any) -> Any:
     """The processor of a model directory or hub id: ``AutoProcessor``, except for a saved
     Qwen2-VL-style image processor, which loads through
     ``attanchor.data.tiny_qwen.load_qwen_processor`` (HF's own Qwen processor when torchvision
     imports, else the images-only ``QwenImageProcessor``: HF's needs torchvision for videos)."""
+    path = str(path)
     file = Path(path) / "processor_config.json"
     if file.is_file():
         kind = json.loads(file.read_text()).get("image_processor", {}).get(

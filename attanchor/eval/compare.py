@@ -36,6 +36,7 @@ from attanchor.eval.arm_state import (
     stale_reason,
     write_status,
 )
+from attanchor.train.logging_faults import finish_wandb
 from attanchor.train.runinfo import run_dir_for
 
 ARM_FILES = ("checkpoints/best.ckpt", "checkpoints/last.ckpt")
@@ -92,17 +93,7 @@ def train_arm(recipe_path: str, strategy: str, seed: int, overrides: Sequence[st
     try:
         build_cli(["fit", "--config", recipe_path, *args])
     finally:  # close the offline W&B run so the next arm starts its own, even after a crash
-        _finish_wandb()
-
-
-def _finish_wandb() -> None:
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-    except ImportError:
-        pass
+        finish_wandb()
 
 
 def best_checkpoint(arm_dir: Path) -> Path:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from attanchor.train.logging_faults import finish_wandb
 from attanchor.train.recipe import recipes_dir
 
 # Sized for under 10 minutes on 2 CPU cores (measured in the README).
@@ -88,7 +89,7 @@ def pretrain(p: dict[str, Any], steps: int, log=print) -> Path:
     cli = build_cli(["fit", "--config", str(demo_recipes() / "pretrain.yaml"),
                      *_data_overrides(p, "pretrain"), "--model.model_path", str(p["init"]),
                      "--trainer.max_steps", str(steps)])
-    _finish_wandb()
+    finish_wandb()
     if cli.trainer.global_step < steps:  # stopped early (pre-empted, interrupted): no export
         raise RuntimeError(f"pre-training stopped at step {cli.trainer.global_step} of {steps};"
                            f" {p['pretrained']} was not written. Run `attanchor demo` again.")
@@ -103,16 +104,6 @@ def pretrain(p: dict[str, Any], steps: int, log=print) -> Path:
                  processor=AutoProcessor.from_pretrained(p["init"]),
                  render=render_settings_of(ckpt))
     return p["pretrained"]
-
-
-def _finish_wandb() -> None:
-    try:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-    except ImportError:
-        pass
 
 
 def _question_form(record: dict) -> str:

@@ -42,6 +42,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from attanchor.anchoring import AnchorConfig
+from attanchor.data.images import load_processor  # noqa: F401  (re-exported)
 
 ANCHOR_CONFIG_FILE = "anchor_config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -295,24 +296,6 @@ def export_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def load_processor(path: str | os.PathLike) -> Any:
-    """The processor saved in a model or export directory (or a hub id): ``AutoProcessor``,
-    except for a Qwen2-VL image processor, which loads through
-    ``attanchor.data.tiny_qwen.load_qwen_processor`` (HF's Qwen processor needs torchvision
-    for its video part; without torchvision an images-only processor of the same behaviour)."""
-    from transformers import AutoProcessor
-
-    file = Path(path) / "processor_config.json"
-    if file.is_file():
-        kind = json.loads(file.read_text()).get("image_processor", {}).get(
-            "image_processor_type", "")
-        if str(kind).startswith("Qwen2VLImageProcessor"):
-            from attanchor.data.tiny_qwen import load_qwen_processor
-
-            return load_qwen_processor(str(path))
-    return AutoProcessor.from_pretrained(str(path))
 
 
 def saved_dtype(model: str | os.PathLike) -> str:

@@ -111,3 +111,14 @@ class FailSafeWandbLogger(WandbLogger):
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self._guard("finalize", lambda: super(FailSafeWandbLogger, self).finalize(status))
+
+
+def finish_wandb() -> None:
+    """Close the process's W&B run, if any, so the next run of the same process (compare's
+    arms, the demo's stages, a reproduction) starts its own; a missing wandb is fine."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish()

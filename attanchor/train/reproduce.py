@@ -40,6 +40,7 @@ from typing import Any
 
 import yaml
 
+from attanchor.train.logging_faults import finish_wandb
 from attanchor.train.runinfo import run_dir_for
 
 GPU_RTOL = 1e-3
@@ -187,16 +188,8 @@ def rerun(original: Path, out_root: Path) -> Path:
         recipe = Path(tmp) / "config.yaml"
         recipe.write_text(yaml.safe_dump(config, sort_keys=False))
         build_cli(["fit", "--config", str(recipe)])
-    _finish_wandb()
+    finish_wandb()
     return new
-
-
-def _finish_wandb() -> None:
-    with contextlib.suppress(ImportError):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
 
 
 def render(verdict: Mapping[str, Any], limit: int = 10) -> str:
