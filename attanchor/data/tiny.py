@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,31 +114,13 @@ def build_tokenizer(vocab_words: list[str]) -> PreTrainedTokenizerFast:
     Example: with vocab ["user", ":", "assistant", "what", "color", "?"], "What color?" ->
     ids [1, 8, 9, 10], offsets [(0, 0), (0, 4), (5, 10), (10, 11)].
     """
-    words: list[str] = []
-    seen = set(SPECIAL_TOKENS)
-    for word in vocab_words:
-        if not isinstance(word, str) or word != word.lower():
-            raise ValueError(f"vocabulary word {word!r} must be lowercase (the tokenizer lowercases)")
-        if split_words(word) != [word]:
-            raise ValueError(f"vocabulary word {word!r} must be one word or one punctuation "
-                             "character without spaces, else the tokenizer never produces it")
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
-    missing = [w for w in TEMPLATE_WORDS if w not in seen]
+    backend, vocab = word_level_backend(SPECIAL_TOKENS, vocab_words, UNK)
+    missing = [w for w in TEMPLATE_WORDS if w not in vocab]
     if missing:
         raise ValueError(f"vocabulary lacks the chat template's words {missing}; add them")
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
-
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.normalizer = _normalizer()
-    backend.pre_tokenizer = _pre_tokenizer()
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
-    # normalized=False: special tokens match the raw text, before lowercasing.
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
 
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -150,11 +133,45 @@ def build_tokenizer(vocab_words: list[str]) -> PreTrainedTokenizerFast:
         model_max_length=512,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    for token, expected in zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS)), strict=True):
-        got = tokenizer.convert_tokens_to_ids(token)
-        if got != expected:  # fail loudly: every consumer relies on these ids
-            raise RuntimeError(f"special token {token} got id {got}, expected {expected}")
+    check_special_ids(tokenizer, SPECIAL_TOKENS)
     return tokenizer
+
+
+def word_level_backend(special_tokens: Sequence[str], vocab_words: Sequence[str], unk: str
+                       ) -> tuple[Tokenizer, dict[str, int]]:
+    """The word-level backend every tiny tokenizer shares: ids 0.. for ``special_tokens`` in
+    order, then ``vocab_words`` (duplicates and special tokens dropped, first occurrence wins);
+    lowercasing, words-and-punctuation splitting, special tokens matched before lowercasing.
+    Raises ValueError for a word the tokenizer could never produce (not lowercase, or not one
+    word / one punctuation character). Returns the backend and its vocabulary."""
+    words: list[str] = []
+    seen = set(special_tokens)
+    for word in vocab_words:
+        if not isinstance(word, str) or word != word.lower():
+            raise ValueError(f"vocabulary word {word!r} must be lowercase (the tokenizer lowercases)")
+        if split_words(word) != [word]:
+            raise ValueError(f"vocabulary word {word!r} must be one word or one punctuation "
+                             "character without spaces, else the tokenizer never produces it")
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    vocab = {token: i for i, token in enumerate([*special_tokens, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    backend.normalizer = _normalizer()
+    backend.pre_tokenizer = _pre_tokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    # normalized=False: special tokens match the raw text, before lowercasing.
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                for t in special_tokens])
+    return backend, vocab
+
+
+def check_special_ids(tokenizer: PreTrainedTokenizerFast, special_tokens: Sequence[str]) -> None:
+    """Fail loudly unless ``special_tokens[i]`` has id ``i``: every consumer relies on them."""
+    for expected, token in enumerate(special_tokens):
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != expected:
+            raise RuntimeError(f"special token {token} got id {got}, expected {expected}")
 
 
 def easy_vqa_vocab() -> list[str]:

@@ -35,7 +35,6 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -46,11 +45,10 @@ from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProce
 from transformers.processing_utils import ProcessorMixin
 
 from attanchor.data.tiny import (
-    _normalizer,
-    _pre_tokenizer,
+    check_special_ids,
     easy_vqa_vocab,
     save_tiny_model,
-    split_words,
+    word_level_backend,
 )
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -149,32 +147,14 @@ def build_qwen_tokenizer(vocab_words: list[str]) -> PreTrainedTokenizerFast:
     Text is lowercased and split like ``attanchor.data.tiny`` (words and punctuation).
     Example: "<|vision_end|>What color?" -> ``[4, id("what"), id("color"), id("?")]``.
     """
-    words: list[str] = []
-    seen = set(SPECIAL_TOKENS)
-    for word in [*TEMPLATE_WORDS, *vocab_words]:
-        if split_words(word) != [word]:
-            raise ValueError(f"vocabulary word {word!r} must be one lowercase word or one "
-                             "punctuation character")
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    backend.normalizer = _normalizer()
-    backend.pre_tokenizer = _pre_tokenizer()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                                for t in SPECIAL_TOKENS])
+    backend, _ = word_level_backend(SPECIAL_TOKENS, [*TEMPLATE_WORDS, *vocab_words], UNK)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token=IM_END, pad_token=PAD, unk_token=UNK,
         extra_special_tokens={"image_token": IMAGE, "video_token": VIDEO,
                               "vision_start_token": VISION_START, "vision_end_token": VISION_END},
         padding_side="right", model_max_length=1024)
     tokenizer.chat_template = CHAT_TEMPLATE
-    for token, expected in zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS)), strict=True):
-        got = tokenizer.convert_tokens_to_ids(token)
-        if got != expected:  # every consumer relies on these ids
-            raise RuntimeError(f"special token {token} got id {got}, expected {expected}")
+    check_special_ids(tokenizer, SPECIAL_TOKENS)
     return tokenizer
 
 
