@@ -19,6 +19,7 @@ from transformers import LlavaNextForConditionalGeneration
 from attanchor.anchoring import AnchorConfig, AnchoredVLM
 from attanchor.anchoring.family import LlavaNextFamily
 from attanchor.data.tiny_next import tiny_next_config
+from tests.anchoring import padded_batch
 
 IMG, PAD, BOS = 4, 0, 1
 V = 64
@@ -45,20 +46,7 @@ def batch(padding: str = "right", answers: bool = True) -> dict[str, torch.Tenso
         rows.append(ids)
         labels.append([-100] * (len(ids) - len(ans)) + ans)
         cands.append([False] * (1 + sum(slots)) + [True] * len(prompt) + [False] * len(ans))
-    L = max(map(len, rows))
-    out = {k: [] for k in ("input_ids", "attention_mask", "labels", "candidate_mask")}
-    for ids, lab, cand in zip(rows, labels, cands):
-        pad = L - len(ids)
-
-        def place(x, fill, pad=pad):
-            return [fill] * pad + x if padding == "left" else x + [fill] * pad
-
-        out["input_ids"].append(place(ids, PAD))
-        out["attention_mask"].append(place([1] * len(ids), 0))
-        out["labels"].append(place(lab, -100))
-        out["candidate_mask"].append(place(cand, False))
-    t = {k: torch.tensor(v) for k, v in out.items()}
-    t["candidate_mask"] = t["candidate_mask"].bool()
+    t = padded_batch(rows, labels, cands, padding=padding, pad_id=PAD)
     t["pixel_values"] = torch.randn(3, 3, 3, 32, 32, generator=g)  # (images, tiles, C, H, W)
     t["image_sizes"] = torch.tensor(SIZES)
     return t

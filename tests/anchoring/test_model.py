@@ -8,6 +8,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from attanchor.anchoring import AnchorConfig, AnchoredVLM
+from tests.anchoring import padded_batch
 
 IMG = 5  # image token id
 PAD = 0
@@ -39,20 +40,7 @@ def batch(padding: str = "right", answers: bool = True) -> dict[str, torch.Tenso
         rows.append(ids)
         labels.append([-100] * (1 + M + n_prompt) + ans)
         cands.append([False] * (1 + M) + [True] * n_prompt + [False] * len(ans))
-    L = max(map(len, rows))
-    out = {k: [] for k in ("input_ids", "attention_mask", "labels", "candidate_mask")}
-    for ids, lab, cand in zip(rows, labels, cands):
-        pad = L - len(ids)
-
-        def place(x, fill, pad=pad):
-            return [fill] * pad + x if padding == "left" else x + [fill] * pad
-
-        out["input_ids"].append(place(ids, PAD))
-        out["attention_mask"].append(place([1] * len(ids), 0))
-        out["labels"].append(place(lab, -100))
-        out["candidate_mask"].append(place(cand, False))
-    t = {k: torch.tensor(v) for k, v in out.items()}
-    t["candidate_mask"] = t["candidate_mask"].bool()
+    t = padded_batch(rows, labels, cands, padding=padding, pad_id=PAD)
     t["pixel_values"] = torch.randn(2, 3, 32, 32, generator=g)
     return t
 
